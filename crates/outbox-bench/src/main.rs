@@ -1,0 +1,350 @@
+//! `outbox-bench`: reproducible performance figures for outbox-relay, each measured against the
+//! database's own ceiling in the same run. Prints tables and writes JSON.
+//!
+//! Scenarios (`--scenarios`, all by default):
+//! 1. `ceiling`: the relay's claim + mark SQL looping with no broker (rows/s).
+//! 2. `drain`: a preloaded backlog through each available sink, real relay process, broker acks.
+//! 3. `latency`: open-loop producer at fixed rates; commit → consumer percentiles.
+//! 4. `enqueue`: client crate vs raw INSERT, 1 and 100 rows per transaction, wake-up states.
+//! 5. `scale`: 1, 2, 4 relay processes draining one backlog.
+//! 6. `steady`: a fraction (70 %) of the best drain rate for `--steady-secs`.
+//!
+//! See docs/benchmarks.md for the method and the results on the reference machine.
+
+mod bench_db;
+mod brokers;
+mod machine;
+mod producer;
+mod relay_proc;
+mod report;
+mod scenarios;
+mod stats;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::brokers::BrokerUrls;
+use crate::relay_proc::RelayLauncher;
+use crate::scenarios::Opts;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    Ceiling,
+    Drain,
+    Latency,
+    Enqueue,
+    Scale,
+    Steady,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "outbox-bench",
+    version,
+    about = "Benchmarks outbox-relay: database ceiling, drain per sink, latency, enqueue, scale, steady state.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Child>,
+
+    /// Scenarios to run, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ceiling,drain,latency,enqueue,scale,steady"
+    )]
+    scenarios: Vec<Scenario>,
+    /// Small sizes and short durations: the whole run takes about two minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Sinks to drive (default: every sink whose broker answers): nats (amqp, kafka as they land).
+    #[arg(long, value_delimiter = ',')]
+    sinks: Vec<String>,
+    /// Backlog size for ceiling, drain and scale [default: 200000; quick: 20000].
+    #[arg(long)]
+    messages: Option<u64>,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 256)]
+    payload_bytes: usize,
+    /// Relay batch size (ceiling loop too) [default: the relay's default].
+    #[arg(long)]
+    batch_size: Option<u32>,
+    /// Relay workers (ceiling loop too) [default: the relay's default].
+    #[arg(long)]
+    workers: Option<u32>,
+    /// Repeat ceiling + drain this many times; medians are reported [default: 3; quick: 1].
+    #[arg(long)]
+    repeat: Option<usize>,
+    /// Relay process counts for the scale scenario.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    relays: Vec<usize>,
+    /// Offered rates (messages/s) for the latency scenario.
+    #[arg(long, value_delimiter = ',', default_value = "500,1000,2000,10000")]
+    rates: Vec<f64>,
+    /// Seconds per latency rate [default: 30; quick: 5].
+    #[arg(long)]
+    latency_secs: Option<f64>,
+    /// Producer connections for the latency and steady scenarios.
+    #[arg(long, default_value_t = 16)]
+    producer_conns: usize,
+    /// Seconds measured per enqueue cell (plus a fifth as warm-up) [default: 5; quick: 1].
+    #[arg(long)]
+    enqueue_secs: Option<f64>,
+    /// Connection counts for the enqueue scenario.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    enqueue_conns: Vec<usize>,
+    /// Steady-state duration in seconds [default: 600; quick: 30].
+    #[arg(long)]
+    steady_secs: Option<f64>,
+    /// Steady-state reporting window in seconds [default: 30; quick: 10].
+    #[arg(long)]
+    steady_window_secs: Option<f64>,
+    /// Steady-state rate in messages/s [default: --steady-fraction of the best drain rate].
+    #[arg(long)]
+    steady_rate: Option<f64>,
+    /// Share of the best measured drain rate offered in the steady state.
+    #[arg(long, default_value_t = 0.7)]
+    steady_fraction: f64,
+    /// PostgreSQL server; each benchmark creates (and drops) its own database there.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// JetStream storage of the benchmark streams: file (as in production) or memory.
+    #[arg(long, default_value = "file", value_parser = ["file", "memory"])]
+    nats_storage: String,
+    /// The outbox-relay binary [default: next to this binary; else this binary runs the relay
+    /// library in a child process].
+    #[arg(long)]
+    relay_bin: Option<PathBuf>,
+    /// Where the JSON results go.
+    #[arg(long, default_value = "target/bench/results.json")]
+    out: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Child {
+    /// Internal: run the relay library as a child process (used when outbox-relay is not built).
+    #[command(hide = true)]
+    RelayChild {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Child::RelayChild { config }) = cli.command {
+        return relay_proc::relay_child_main(config);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn resolve(cli: &Cli) -> anyhow::Result<Opts> {
+    let q = cli.quick;
+    let pick = |v: Option<f64>, full: f64, quick: f64| v.unwrap_or(if q { quick } else { full });
+    let defaults = outbox_relay::config::RelayConfig::default();
+    let log_dir = cli
+        .out
+        .parent()
+        .map(|p| p.join("logs"))
+        .unwrap_or_else(|| PathBuf::from("target/bench/logs"));
+    let batch_size = cli.batch_size.unwrap_or(defaults.batch_size);
+    let workers = cli.workers.unwrap_or(defaults.workers);
+    let o = Opts {
+        database_url: cli.database_url.clone(),
+        messages: cli.messages.unwrap_or(if q { 20_000 } else { 200_000 }),
+        payload_bytes: cli.payload_bytes,
+        batch_size,
+        workers,
+        repeat: cli.repeat.unwrap_or(if q { 1 } else { 3 }).max(1),
+        relays: cli.relays.clone(),
+        rates: cli.rates.clone(),
+        latency_secs: pick(cli.latency_secs, 30.0, 5.0),
+        producer_conns: cli.producer_conns.max(1),
+        enqueue_secs: pick(cli.enqueue_secs, 5.0, 1.0),
+        enqueue_conns: cli.enqueue_conns.clone(),
+        steady_secs: pick(cli.steady_secs, 600.0, 30.0),
+        steady_window_secs: pick(cli.steady_window_secs, 30.0, 10.0),
+        steady_rate: cli.steady_rate,
+        steady_fraction: cli.steady_fraction,
+        launcher: RelayLauncher::new(cli.relay_bin.clone(), batch_size, workers, log_dir)?,
+    };
+    anyhow::ensure!(o.messages > 0, "--messages must be above 0");
+    anyhow::ensure!(
+        o.rates.iter().all(|r| *r > 0.0),
+        "--rates must all be above 0"
+    );
+    anyhow::ensure!(
+        o.relays.iter().all(|r| *r > 0),
+        "--relays must all be above 0"
+    );
+    anyhow::ensure!(
+        o.enqueue_conns.iter().all(|c| *c > 0),
+        "--enqueue-conns must all be above 0"
+    );
+    anyhow::ensure!(
+        o.steady_secs > 0.0
+            && o.steady_window_secs > 0.0
+            && o.latency_secs > 0.0
+            && o.enqueue_secs > 0.0,
+        "durations must be above 0"
+    );
+    anyhow::ensure!(
+        o.steady_fraction > 0.0 && o.steady_fraction <= 1.0,
+        "--steady-fraction must be in (0, 1], got {}",
+        o.steady_fraction
+    );
+    Ok(o)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let o = resolve(&cli)?;
+    let wants = |s: Scenario| cli.scenarios.contains(&s);
+    let urls = BrokerUrls {
+        nats: cli.nats_url.clone(),
+        nats_storage: cli.nats_storage.clone(),
+    };
+    let (brokers, skipped) = brokers::available(&urls, &cli.sinks).await;
+    for s in &skipped {
+        eprintln!("skipping sink {s}");
+    }
+    let admin = sqlx::PgPool::connect(&o.database_url).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot connect to PostgreSQL at {}: {e}; start it or pass --database-url",
+            outbox_relay::redact_url(&o.database_url)
+        )
+    })?;
+    let nats_version = brokers
+        .iter()
+        .find(|b| b.kind() == "nats")
+        .map(|b| b.version())
+        .unwrap_or_else(|| "n/a".into());
+    let machine = machine::Machine::describe(&admin, nats_version).await;
+    admin.close().await;
+
+    let mut r = report::Report::new(&cli, &o, machine, skipped);
+    eprintln!(
+        "outbox-bench: {} messages of {} bytes, batch {}, {} workers, relay {}",
+        o.messages,
+        o.payload_bytes,
+        o.batch_size,
+        o.workers,
+        o.launcher.describe()
+    );
+
+    if wants(Scenario::Ceiling) || wants(Scenario::Drain) {
+        for i in 0..o.repeat {
+            eprintln!("run {}/{}: ceiling", i + 1, o.repeat);
+            let c = scenarios::throughput::ceiling(&o).await?;
+            eprintln!("  ceiling {:.0} rows/s", c.rows_per_sec);
+            let mut drains = Vec::new();
+            if wants(Scenario::Drain) {
+                for b in &brokers {
+                    let mut d = scenarios::throughput::drain(&o, b.as_ref(), 1).await?;
+                    d.pct_of_ceiling = stats::pct(d.msgs_per_sec, c.rows_per_sec);
+                    eprintln!(
+                        "  drain {} {:.0} msg/s ({:.0} % of ceiling), relay peak RSS {:.1} MiB",
+                        d.sink, d.msgs_per_sec, d.pct_of_ceiling, d.relay_peak_rss_mib
+                    );
+                    drains.push(d);
+                }
+            }
+            r.throughput_runs
+                .push(report::ThroughputRun { ceiling: c, drains });
+        }
+    }
+    let ceiling = r.ceiling_median();
+
+    if wants(Scenario::Latency) {
+        for b in &brokers {
+            for &rate in &o.rates {
+                eprintln!(
+                    "latency {} at {rate} msg/s for {} s",
+                    b.kind(),
+                    o.latency_secs
+                );
+                let l = scenarios::latency::latency(&o, b.as_ref(), rate).await?;
+                eprintln!(
+                    "  p50 {:.1} ms p99 {:.1} ms (from commit p99 {:.1} ms), received {}/{}",
+                    l.from_intended.p50_ms,
+                    l.from_intended.p99_ms,
+                    l.from_commit.p99_ms,
+                    l.received,
+                    l.sent
+                );
+                r.latency.push(l);
+            }
+        }
+    }
+
+    if wants(Scenario::Enqueue) {
+        eprintln!("enqueue: {} s per cell", o.enqueue_secs);
+        r.enqueue = scenarios::enqueue::enqueue_bench(&o).await?;
+    }
+
+    if wants(Scenario::Scale) {
+        if let Some(b) = brokers.first() {
+            for &k in &o.relays {
+                eprintln!("scale: {k} relay(s) through {}", b.kind());
+                let mut d = scenarios::throughput::drain(&o, b.as_ref(), k).await?;
+                d.pct_of_ceiling = ceiling
+                    .map(|c| stats::pct(d.msgs_per_sec, c))
+                    .unwrap_or(0.0);
+                eprintln!("  {:.0} msg/s", d.msgs_per_sec);
+                r.scale.push(d);
+            }
+        }
+    }
+
+    if wants(Scenario::Steady) {
+        if let Some(b) = brokers.first() {
+            let best = r.best_drain_rate(b.kind());
+            let (rate, basis) = match (o.steady_rate, best) {
+                (Some(rate), _) => (rate, "--steady-rate".to_string()),
+                (None, Some(best)) => (
+                    o.steady_fraction * best,
+                    format!("{:.0} % of the best drain rate measured in this run ({best:.0} msg/s)", o.steady_fraction * 100.0),
+                ),
+                (None, None) => anyhow::bail!(
+                    "the steady scenario needs a rate: run it with drain or scale, or pass --steady-rate"
+                ),
+            };
+            eprintln!(
+                "steady: {rate:.0} msg/s through {} for {} s",
+                b.kind(),
+                o.steady_secs
+            );
+            r.steady = Some(scenarios::latency::steady(&o, b.as_ref(), rate, basis).await?);
+        }
+    }
+
+    r.finish();
+    r.print();
+    r.write(&cli.out)?;
+    eprintln!("results written to {}", cli.out.display());
+    Ok(())
+}

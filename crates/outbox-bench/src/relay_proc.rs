@@ -1,0 +1,233 @@
+//! The relay under test, as a separate process (as in production): the `outbox-relay` binary
+//! next to this one (or `--relay-bin`), or, when it is not built, this binary re-executing
+//! itself as `outbox-bench relay-child`, which runs the same library entry point
+//! (`outbox_relay::run`). Its peak RSS and CPU time are read from /proc.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context;
+use outbox_relay::config::Config;
+use outbox_relay::sinks::SinkConfig;
+
+use crate::machine;
+
+/// How to start a relay.
+#[derive(Debug, Clone)]
+pub struct RelayLauncher {
+    /// The `outbox-relay` binary, or None to re-execute this binary as `relay-child`.
+    pub binary: Option<PathBuf>,
+    pub batch_size: u32,
+    pub workers: u32,
+    pub log_dir: PathBuf,
+}
+
+impl RelayLauncher {
+    pub fn new(
+        explicit: Option<PathBuf>,
+        batch_size: u32,
+        workers: u32,
+        log_dir: PathBuf,
+    ) -> anyhow::Result<Self> {
+        let binary = match explicit {
+            Some(p) if p.exists() => Some(p),
+            Some(p) => anyhow::bail!("--relay-bin {} does not exist: build it with `cargo build --release -p outbox-relay`", p.display()),
+            None => std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.parent().map(|d| d.join("outbox-relay")))
+                .filter(|p| p.exists()),
+        };
+        std::fs::create_dir_all(&log_dir)
+            .with_context(|| format!("cannot create {}", log_dir.display()))?;
+        Ok(Self {
+            binary,
+            batch_size,
+            workers,
+            log_dir,
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        match &self.binary {
+            Some(p) => p.display().to_string(),
+            None => "outbox-bench relay-child (the outbox_relay library in a child process)".into(),
+        }
+    }
+
+    /// The relay configuration for `database_url` with the given sinks, as TOML.
+    pub fn config_toml(
+        &self,
+        database_url: &str,
+        sinks: &[(String, SinkConfig)],
+    ) -> anyhow::Result<String> {
+        let mut config = Config::default();
+        config.database.url = database_url.to_string();
+        config.database.max_connections = self.workers + 2;
+        config.relay.batch_size = self.batch_size;
+        config.relay.workers = self.workers;
+        config.http.listen = String::new();
+        config.log.level = "warn".into();
+        config.sinks = sinks.iter().cloned().collect();
+        config
+            .validate()
+            .map_err(|e| anyhow::anyhow!("benchmark relay config: {e}"))?;
+        Ok(toml::to_string(&config)?)
+    }
+
+    /// Starts one relay process.
+    pub fn start(
+        &self,
+        name: &str,
+        database_url: &str,
+        sinks: &[(String, SinkConfig)],
+    ) -> anyhow::Result<RelayProcess> {
+        let config_path = self.log_dir.join(format!("{name}.toml"));
+        std::fs::write(&config_path, self.config_toml(database_url, sinks)?)?;
+        let stderr_path = self.log_dir.join(format!("{name}.log"));
+        let stderr = std::fs::File::create(&stderr_path)?;
+        let mut cmd = match &self.binary {
+            Some(bin) => {
+                let mut c = Command::new(bin);
+                c.arg("--config").arg(&config_path).arg("run");
+                c
+            }
+            None => {
+                let mut c = Command::new(std::env::current_exe()?);
+                c.arg("relay-child").arg("--config").arg(&config_path);
+                c
+            }
+        };
+        cmd.stdout(Stdio::null())
+            .stderr(stderr)
+            .env_remove("RUST_LOG");
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start the relay ({})", self.describe()))?;
+        Ok(RelayProcess {
+            child: Some(child),
+            stderr_path,
+            config_path,
+        })
+    }
+}
+
+pub struct RelayProcess {
+    child: Option<Child>,
+    pub stderr_path: PathBuf,
+    config_path: PathBuf,
+}
+
+/// What a relay process used, read just before it was stopped.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct RelayUsage {
+    pub peak_rss_mib: f64,
+    pub cpu_seconds: f64,
+}
+
+impl RelayProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Fails with the relay's log when it has exited.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(c) = self.child.as_mut() {
+            if let Some(status) = c.try_wait()? {
+                let log = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
+                anyhow::bail!("the relay exited early ({status}); its log:\n{log}");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn usage(&self) -> RelayUsage {
+        let pid = self.pid();
+        RelayUsage {
+            peak_rss_mib: machine::vm_hwm_kib(pid).unwrap_or(0) as f64 / 1024.0,
+            cpu_seconds: machine::cpu_seconds(pid).unwrap_or(0.0),
+        }
+    }
+
+    /// SIGTERM, then waits (at most 20 s, then SIGKILL). Returns the usage read before the signal.
+    pub async fn stop(mut self) -> RelayUsage {
+        let usage = self.usage();
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    eprintln!("warning: relay did not stop within 20 s of SIGTERM; killing it");
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let _ = std::fs::remove_file(&self.config_path);
+        usage
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `outbox-bench relay-child --config FILE`: the relay library's `run`, until SIGTERM.
+pub fn relay_child_main(config: PathBuf) -> std::process::ExitCode {
+    let config = match Config::load(Some(&config)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async move {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            if let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            {
+                term.recv().await;
+            }
+            token.cancel();
+        });
+        outbox_relay::run(config, shutdown).await
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,423 @@
+//! The results: printed as tables, written as JSON, and checked against the targets of the
+//! benchmark issue.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::machine::Machine;
+use crate::scenarios::enqueue::{EnqueueCell, Method, Wake};
+use crate::scenarios::latency::{LatencyResult, SteadyResult};
+use crate::scenarios::throughput::{CeilingResult, DrainResult};
+use crate::scenarios::Opts;
+use crate::stats::{median, pct};
+
+#[derive(Debug, Serialize)]
+pub struct Settings {
+    pub command: String,
+    pub quick: bool,
+    pub messages: u64,
+    pub payload_bytes: usize,
+    pub batch_size: u32,
+    pub workers: u32,
+    pub repeat: usize,
+    pub latency_secs: f64,
+    pub producer_conns: usize,
+    pub enqueue_secs: f64,
+    pub steady_secs: f64,
+    pub steady_window_secs: f64,
+    pub nats_storage: String,
+    pub relay: String,
+}
+
+/// One ceiling and the drains measured right after it.
+#[derive(Debug, Serialize)]
+pub struct ThroughputRun {
+    pub ceiling: CeilingResult,
+    pub drains: Vec<DrainResult>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DrainSummary {
+    pub sink: String,
+    pub median_msgs_per_sec: f64,
+    /// Median over runs of (drain / ceiling of the same run).
+    pub median_pct_of_ceiling: f64,
+    pub max_relay_peak_rss_mib: f64,
+    pub runs: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Target {
+    pub name: String,
+    pub target: String,
+    pub measured: String,
+    /// None when the scenario did not run.
+    pub met: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub started_at: String,
+    pub machine: Machine,
+    pub settings: Settings,
+    pub skipped_sinks: Vec<String>,
+    pub throughput_runs: Vec<ThroughputRun>,
+    pub ceiling_median_rows_per_sec: Option<f64>,
+    pub drain_summary: Vec<DrainSummary>,
+    pub latency: Vec<LatencyResult>,
+    pub enqueue: Vec<EnqueueCell>,
+    pub scale: Vec<DrainResult>,
+    pub steady: Option<SteadyResult>,
+    pub targets: Vec<Target>,
+}
+
+impl Report {
+    pub fn new(cli: &crate::Cli, o: &Opts, machine: Machine, skipped: Vec<String>) -> Self {
+        let started_at = std::process::Command::new("date")
+            .arg("-u")
+            .arg("+%Y-%m-%dT%H:%M:%SZ")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        Self {
+            started_at,
+            machine,
+            settings: Settings {
+                command: std::env::args().collect::<Vec<_>>().join(" "),
+                quick: cli.quick,
+                messages: o.messages,
+                payload_bytes: o.payload_bytes,
+                batch_size: o.batch_size,
+                workers: o.workers,
+                repeat: o.repeat,
+                latency_secs: o.latency_secs,
+                producer_conns: o.producer_conns,
+                enqueue_secs: o.enqueue_secs,
+                steady_secs: o.steady_secs,
+                steady_window_secs: o.steady_window_secs,
+                nats_storage: cli.nats_storage.clone(),
+                relay: o.launcher.describe(),
+            },
+            skipped_sinks: skipped,
+            throughput_runs: Vec::new(),
+            ceiling_median_rows_per_sec: None,
+            drain_summary: Vec::new(),
+            latency: Vec::new(),
+            enqueue: Vec::new(),
+            scale: Vec::new(),
+            steady: None,
+            targets: Vec::new(),
+        }
+    }
+
+    pub fn ceiling_median(&self) -> Option<f64> {
+        let v: Vec<f64> = self
+            .throughput_runs
+            .iter()
+            .map(|r| r.ceiling.rows_per_sec)
+            .collect();
+        (!v.is_empty()).then(|| median(&v))
+    }
+
+    fn drains_of<'a>(&'a self, sink: &'a str) -> impl Iterator<Item = &'a DrainResult> + 'a {
+        self.throughput_runs
+            .iter()
+            .flat_map(|r| r.drains.iter())
+            .filter(move |d| d.sink == sink)
+    }
+
+    pub fn best_drain_rate(&self, sink: &str) -> Option<f64> {
+        self.drains_of(sink)
+            .chain(self.scale.iter().filter(|d| d.sink == sink))
+            .map(|d| d.msgs_per_sec)
+            .reduce(f64::max)
+    }
+
+    fn enqueue_rate(&self, method: Method, wake: Wake, conns: usize) -> Option<f64> {
+        self.enqueue
+            .iter()
+            .find(|c| c.method == method && c.wake == wake && c.conns == conns)
+            .map(|c| c.rows_per_sec)
+    }
+
+    /// Medians and the targets.
+    pub fn finish(&mut self) {
+        self.ceiling_median_rows_per_sec = self.ceiling_median();
+        let mut sinks: Vec<String> = self
+            .throughput_runs
+            .iter()
+            .flat_map(|r| r.drains.iter().map(|d| d.sink.clone()))
+            .collect();
+        sinks.dedup();
+        sinks.sort();
+        sinks.dedup();
+        self.drain_summary = sinks
+            .iter()
+            .map(|s| {
+                let rates: Vec<f64> = self.drains_of(s).map(|d| d.msgs_per_sec).collect();
+                let pcts: Vec<f64> = self.drains_of(s).map(|d| d.pct_of_ceiling).collect();
+                DrainSummary {
+                    sink: s.clone(),
+                    median_msgs_per_sec: median(&rates),
+                    median_pct_of_ceiling: median(&pcts),
+                    max_relay_peak_rss_mib: self
+                        .drains_of(s)
+                        .map(|d| d.relay_peak_rss_mib)
+                        .fold(0.0, f64::max),
+                    runs: rates.len(),
+                }
+            })
+            .collect();
+
+        let mut targets = Vec::new();
+        for (sink, need) in [("nats", 80.0), ("kafka", 70.0), ("amqp", 60.0)] {
+            let s = self.drain_summary.iter().find(|d| d.sink == sink);
+            targets.push(Target {
+                name: format!("drain to {sink}"),
+                target: format!(">= {need:.0} % of the database ceiling"),
+                measured: s
+                    .map(|s| format!("{:.1} % (median of {})", s.median_pct_of_ceiling, s.runs))
+                    .unwrap_or_else(|| "not run".into()),
+                met: s.map(|s| s.median_pct_of_ceiling >= need),
+            });
+        }
+        let l = self
+            .latency
+            .iter()
+            .find(|l| l.sink == "nats" && (l.target_rate - 1000.0).abs() < 0.5);
+        targets.push(Target {
+            name: "latency at 1,000 msg/s (nats)".into(),
+            target: "p99 commit -> ack <= 20 ms".into(),
+            measured: l
+                .map(|l| {
+                    format!(
+                        "p99 {:.1} ms from intended send, {:.1} ms from commit",
+                        l.from_intended.p99_ms, l.from_commit.p99_ms
+                    )
+                })
+                .unwrap_or_else(|| "not run".into()),
+            met: l.map(|l| l.from_intended.p99_ms <= 20.0 && l.received == l.sent),
+        });
+        let conns = self.enqueue.iter().map(|c| c.conns).max().unwrap_or(16);
+        let batch = self
+            .enqueue_rate(Method::ClientBatch, Wake::Busy, conns)
+            .zip(self.enqueue_rate(Method::RawBatch, Wake::Busy, conns));
+        targets.push(Target {
+            name: format!("batch enqueue vs raw INSERT ({conns} conns)"),
+            target: ">= 90 %".into(),
+            measured: batch
+                .map(|(c, r)| format!("{:.1} %", pct(c, r)))
+                .unwrap_or_else(|| "not run".into()),
+            met: batch.map(|(c, r)| pct(c, r) >= 90.0),
+        });
+        let costs: Vec<(Method, f64)> = [Method::ClientSingle, Method::ClientBatch]
+            .into_iter()
+            .filter_map(|m| {
+                let busy = self.enqueue_rate(m, Wake::Busy, conns)?;
+                let base = self.enqueue_rate(m, Wake::NoWakeup, conns)?;
+                Some((m, 100.0 - pct(busy, base)))
+            })
+            .collect();
+        targets.push(Target {
+            name: format!("wake-up cost to enqueuers ({conns} conns, relays busy)"),
+            target: "<= 10 %".into(),
+            measured: if costs.is_empty() {
+                "not run".into()
+            } else {
+                costs
+                    .iter()
+                    .map(|(m, c)| format!("{}: {c:.1} %", m.label()))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            },
+            met: (!costs.is_empty()).then(|| costs.iter().all(|(_, c)| *c <= 10.0)),
+        });
+        let rss = self
+            .throughput_runs
+            .iter()
+            .flat_map(|r| r.drains.iter())
+            .chain(self.scale.iter())
+            .map(|d| d.relay_peak_rss_mib)
+            .reduce(f64::max);
+        targets.push(Target {
+            name: "relay peak RSS at full throughput".into(),
+            target: "<= 64 MiB".into(),
+            measured: rss
+                .map(|r| format!("{r:.1} MiB"))
+                .unwrap_or_else(|| "not run".into()),
+            met: rss.map(|r| r <= 64.0),
+        });
+        self.targets = targets;
+    }
+
+    pub fn print(&self) {
+        let m = &self.machine;
+        println!();
+        println!(
+            "machine: {} x {}, {} MiB, PostgreSQL {}, NATS {}, load at start {}",
+            m.nproc, m.cpu_model, m.mem_total_mib, m.postgres, m.nats, m.load_average_at_start
+        );
+        println!(
+            "settings: {} messages x {} B, batch {}, {} workers, relay {}",
+            self.settings.messages,
+            self.settings.payload_bytes,
+            self.settings.batch_size,
+            self.settings.workers,
+            self.settings.relay
+        );
+        if !self.throughput_runs.is_empty() {
+            println!("\n## Ceiling and drain (msg/s; % of the same run's ceiling)");
+            println!(
+                "{:<5} {:>12} {:<8} {:>12} {:>8} {:>10} {:>9} {:>8}",
+                "run", "ceiling", "sink", "drain", "%", "RSS MiB", "relay s", "cpu %"
+            );
+            for (i, r) in self.throughput_runs.iter().enumerate() {
+                if r.drains.is_empty() {
+                    println!("{:<5} {:>12.0}", i + 1, r.ceiling.rows_per_sec);
+                }
+                for d in &r.drains {
+                    println!(
+                        "{:<5} {:>12.0} {:<8} {:>12.0} {:>7.1}% {:>10.1} {:>9.1} {:>7.0}%",
+                        i + 1,
+                        r.ceiling.rows_per_sec,
+                        d.sink,
+                        d.msgs_per_sec,
+                        d.pct_of_ceiling,
+                        d.relay_peak_rss_mib,
+                        d.relay_cpu_seconds,
+                        d.machine_cpu_busy_pct
+                    );
+                }
+            }
+            for s in &self.drain_summary {
+                println!(
+                    "median {:>11.0} {:<8} {:>12.0} {:>7.1}%",
+                    self.ceiling_median_rows_per_sec.unwrap_or(0.0),
+                    s.sink,
+                    s.median_msgs_per_sec,
+                    s.median_pct_of_ceiling
+                );
+            }
+        }
+        if !self.latency.is_empty() {
+            println!("\n## Latency, open loop (ms; from intended send time / from commit)");
+            println!(
+                "{:<6} {:>7} {:>9} {:>15} {:>15} {:>15} {:>15} {:>12} {:>11}",
+                "sink", "rate", "achieved", "p50", "p90", "p99", "max", "lag p99", "received"
+            );
+            for l in &self.latency {
+                let pair = |a: f64, b: f64| format!("{a:.1} / {b:.1}");
+                println!(
+                    "{:<6} {:>7.0} {:>9.0} {:>15} {:>15} {:>15} {:>15} {:>12.1} {:>11}",
+                    l.sink,
+                    l.target_rate,
+                    l.achieved_rate,
+                    pair(l.from_intended.p50_ms, l.from_commit.p50_ms),
+                    pair(l.from_intended.p90_ms, l.from_commit.p90_ms),
+                    pair(l.from_intended.p99_ms, l.from_commit.p99_ms),
+                    pair(l.from_intended.max_ms, l.from_commit.max_ms),
+                    l.send_lag.p99_ms,
+                    format!("{}/{}", l.received, l.sent)
+                );
+            }
+        }
+        if !self.enqueue.is_empty() {
+            println!("\n## Enqueue (rows/s)");
+            let mut conns: Vec<usize> = self.enqueue.iter().map(|c| c.conns).collect();
+            conns.sort();
+            conns.dedup();
+            print!("{:<34}", "method");
+            for c in &conns {
+                for w in Wake::ALL {
+                    print!(" {:>16}", format!("{c}c {}", w.label()));
+                }
+            }
+            println!();
+            for m in Method::ALL {
+                print!("{:<34}", m.label());
+                for &c in &conns {
+                    for w in Wake::ALL {
+                        match self.enqueue_rate(m, w, c) {
+                            Some(r) => print!(" {r:>16.0}"),
+                            None => print!(" {:>16}", "-"),
+                        }
+                    }
+                }
+                println!();
+            }
+        }
+        if !self.scale.is_empty() {
+            println!("\n## Scale (relay processes draining one backlog)");
+            println!(
+                "{:<7} {:<6} {:>10} {:>9} {:>14} {:>10}",
+                "relays", "sink", "msg/s", "% ceil", "max RSS MiB", "relay s"
+            );
+            for d in &self.scale {
+                println!(
+                    "{:<7} {:<6} {:>10.0} {:>8.1}% {:>14.1} {:>10.1}",
+                    d.relays,
+                    d.sink,
+                    d.msgs_per_sec,
+                    d.pct_of_ceiling,
+                    d.relay_peak_rss_mib,
+                    d.relay_cpu_seconds
+                );
+            }
+        }
+        if let Some(s) = &self.steady {
+            println!(
+                "\n## Steady state: {:.0} msg/s ({}), {} msg/tx, {} s",
+                s.target_rate, s.rate_basis, s.messages_per_tx, s.secs
+            );
+            println!(
+                "{:>7} {:>10} {:>9} {:>9} {:>12} {:>12} {:>10}",
+                "t (s)", "recv/s", "p50 ms", "p99 ms", "table KiB", "index KiB", "dead tup"
+            );
+            for w in &s.windows {
+                println!(
+                    "{:>7.0} {:>10.0} {:>9.1} {:>9.1} {:>12} {:>12} {:>10}",
+                    w.start_secs,
+                    w.received_per_sec,
+                    w.latency.p50_ms,
+                    w.latency.p99_ms,
+                    w.table_bytes / 1024,
+                    w.index_bytes / 1024,
+                    w.dead_tuples
+                );
+            }
+            println!(
+                "end: table {} KiB, indexes {} KiB, live {}, dead {}, autovacuums {}; overall p99 {:.1} ms, received {}/{}, relay RSS {:.1} MiB",
+                s.end_table_bytes / 1024,
+                s.end_index_bytes / 1024,
+                s.end_live_tuples,
+                s.end_dead_tuples,
+                s.autovacuum_count,
+                s.from_intended.p99_ms,
+                s.received,
+                s.sent,
+                s.relay_peak_rss_mib
+            );
+        }
+        println!("\n## Targets");
+        for t in &self.targets {
+            let verdict = match t.met {
+                Some(true) => "met",
+                Some(false) => "MISSED",
+                None => "-",
+            };
+            println!(
+                "{:<7} {:<48} {:<38} {}",
+                verdict, t.name, t.target, t.measured
+            );
+        }
+    }
+
+    pub fn write(&self, path: &Path) -> anyhow::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, serde_json::to_string_pretty(self)?)?;
+        Ok(())
+    }
+}

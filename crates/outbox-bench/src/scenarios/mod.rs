@@ -1,0 +1,46 @@
+//! The benchmark scenarios. Each one creates its own database (and its own broker
+//! destinations), measures, and removes what it created, whether it succeeded or not.
+
+pub mod enqueue;
+pub mod latency;
+pub mod throughput;
+
+use std::time::Duration;
+
+use crate::relay_proc::RelayLauncher;
+
+/// Every knob, resolved from the command line (with `--quick` defaults applied).
+#[derive(Debug, Clone)]
+pub struct Opts {
+    pub database_url: String,
+    pub messages: u64,
+    pub payload_bytes: usize,
+    pub batch_size: u32,
+    pub workers: u32,
+    pub repeat: usize,
+    pub relays: Vec<usize>,
+    pub rates: Vec<f64>,
+    pub latency_secs: f64,
+    pub producer_conns: usize,
+    pub enqueue_secs: f64,
+    pub enqueue_conns: Vec<usize>,
+    pub steady_secs: f64,
+    pub steady_window_secs: f64,
+    pub steady_rate: Option<f64>,
+    pub steady_fraction: f64,
+    pub launcher: RelayLauncher,
+}
+
+impl Opts {
+    /// How long a drain of `n` messages may take before the benchmark gives up: generous
+    /// (200 messages/s), since a failure here means something is broken, not slow.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(120 + self.messages / 200)
+    }
+
+    pub fn payload(&self) -> Vec<u8> {
+        (0..self.payload_bytes)
+            .map(|i| (i * 31 % 251) as u8)
+            .collect()
+    }
+}

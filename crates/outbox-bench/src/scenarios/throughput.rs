@@ -1,0 +1,187 @@
+//! Database ceiling, drain and scale: how fast a backlog of `--messages` rows empties.
+//!
+//! The ceiling runs the relay's own SQL (`outbox_relay::db::claim` and `db::mark_sent` in a
+//! BEGIN/COMMIT loop, same batch size and worker count as the relay, on a pool opened by
+//! `outbox_relay::db::connect`) with no broker at all. Drain and scale run real relay processes
+//! against a real broker with acknowledgements, from the same preloaded backlog.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::Opts;
+use crate::bench_db::{unique, BenchDb};
+use crate::brokers::{Broker, TOPIC};
+use crate::machine;
+use crate::relay_proc::RelayUsage;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CeilingResult {
+    pub rows: u64,
+    pub secs: f64,
+    pub rows_per_sec: f64,
+    pub machine_cpu_busy_pct: f64,
+}
+
+pub async fn ceiling(o: &Opts) -> anyhow::Result<CeilingResult> {
+    let db = BenchDb::create(&o.database_url, "ceiling").await?;
+    db.preload(o.messages, o.payload_bytes, TOPIC).await?;
+    let pool = outbox_relay::db::connect(
+        &db.url,
+        o.workers + 2,
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+    )
+    .await?;
+    // Open the workers' connections before the clock starts, as a running relay has them.
+    let warm: Vec<_> =
+        futures::future::try_join_all((0..o.workers).map(|_| pool.acquire())).await?;
+    drop(warm);
+    let rows = Arc::new(AtomicU64::new(0));
+    let cpu0 = machine::cpu_jiffies();
+    let started = Instant::now();
+    let workers: Vec<_> = (0..o.workers)
+        .map(|_| {
+            let (pool, rows, batch) = (pool.clone(), Arc::clone(&rows), o.batch_size as i64);
+            tokio::spawn(async move {
+                loop {
+                    let mut tx = pool.begin().await?;
+                    let claimed = outbox_relay::db::claim(&mut tx, batch, &[]).await?;
+                    if claimed.is_empty() {
+                        tx.commit().await?;
+                        return Ok::<_, sqlx::Error>(());
+                    }
+                    let ids: Vec<i64> = claimed.iter().map(|r| r.id).collect();
+                    outbox_relay::db::mark_sent(&mut tx, &ids, false).await?;
+                    tx.commit().await?;
+                    rows.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for w in futures::future::join_all(workers).await {
+        w??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let busy = machine::busy_pct(cpu0, machine::cpu_jiffies());
+    pool.close().await;
+    let left = db.waiting().await?;
+    db.drop_db().await;
+    let rows = rows.load(Ordering::Relaxed);
+    anyhow::ensure!(
+        left == 0 && rows == o.messages,
+        "ceiling loop left {left} rows and marked {rows}"
+    );
+    Ok(CeilingResult {
+        rows,
+        secs,
+        rows_per_sec: rows as f64 / secs,
+        machine_cpu_busy_pct: busy,
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DrainResult {
+    pub sink: String,
+    pub relays: usize,
+    pub messages: u64,
+    /// Seconds from the first observed progress to an empty outbox.
+    pub secs: f64,
+    /// Seconds from starting the relay process(es) to the first observed progress.
+    pub startup_secs: f64,
+    pub msgs_per_sec: f64,
+    /// Filled in by the caller: this rate as a percentage of the same run's ceiling.
+    pub pct_of_ceiling: f64,
+    /// Largest peak RSS among the relay processes.
+    pub relay_peak_rss_mib: f64,
+    /// CPU time of all relay processes together.
+    pub relay_cpu_seconds: f64,
+    pub machine_cpu_busy_pct: f64,
+    /// Messages the broker holds at the end (JetStream drops duplicates by message id).
+    pub broker_stored: u64,
+}
+
+/// Drains a preloaded backlog through `relays` relay processes publishing to `broker`.
+pub async fn drain(o: &Opts, broker: &dyn Broker, relays: usize) -> anyhow::Result<DrainResult> {
+    let run = unique("d").replace('_', "");
+    let db = BenchDb::create(&o.database_url, &format!("drain_{}", broker.kind())).await?;
+    db.preload(o.messages, o.payload_bytes, TOPIC).await?;
+    let dest = broker.prepare(&run).await?;
+    let result = drain_inner(o, broker, relays, &db, &*dest, &run).await;
+    dest.cleanup().await;
+    db.drop_db().await;
+    result
+}
+
+async fn drain_inner(
+    o: &Opts,
+    broker: &dyn Broker,
+    relays: usize,
+    db: &BenchDb,
+    dest: &dyn crate::brokers::Destination,
+    run: &str,
+) -> anyhow::Result<DrainResult> {
+    let sinks = vec![(broker.kind().to_string(), dest.sink_config())];
+    let spawned = Instant::now();
+    let mut procs = Vec::new();
+    for i in 0..relays {
+        procs.push(
+            o.launcher
+                .start(&format!("{run}-relay{i}"), &db.url, &sinks)?,
+        );
+    }
+    let n = o.messages as i64;
+    let deadline = spawned + o.drain_timeout();
+    let mut first: Option<(Instant, i64, (u64, u64))> = None;
+    let mut last_check = Instant::now();
+    let end = loop {
+        let waiting = db.waiting().await?;
+        let now = Instant::now();
+        if first.is_none() && waiting < n {
+            first = Some((now, waiting, machine::cpu_jiffies()));
+        }
+        if waiting == 0 {
+            break now;
+        }
+        if now > deadline {
+            anyhow::bail!(
+                "drain through {} did not finish in {:?}: {waiting} rows left",
+                broker.kind(),
+                o.drain_timeout()
+            );
+        }
+        if now.duration_since(last_check) > Duration::from_secs(1) {
+            for p in &mut procs {
+                p.check_alive()?;
+            }
+            last_check = now;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let cpu_end = machine::cpu_jiffies();
+    let mut usage = Vec::new();
+    for p in procs {
+        usage.push(p.stop().await);
+    }
+    let (t_first, waiting_first, cpu_first) = first.unwrap_or((spawned, n, cpu_end));
+    let secs = end.duration_since(t_first).as_secs_f64().max(1e-6);
+    let stored = dest.stored().await?;
+    Ok(DrainResult {
+        sink: broker.kind().to_string(),
+        relays,
+        messages: o.messages,
+        secs,
+        startup_secs: t_first.duration_since(spawned).as_secs_f64(),
+        msgs_per_sec: waiting_first as f64 / secs,
+        pct_of_ceiling: 0.0,
+        relay_peak_rss_mib: usage
+            .iter()
+            .map(|u: &RelayUsage| u.peak_rss_mib)
+            .fold(0.0, f64::max),
+        relay_cpu_seconds: usage.iter().map(|u| u.cpu_seconds).sum(),
+        machine_cpu_busy_pct: machine::busy_pct(cpu_first, cpu_end),
+        broker_stored: stored,
+    })
+}

@@ -1,0 +1,209 @@
+//! The command line: `migrate`, `run`, `status`, `dead`, `demo`. Exit codes: 0 success, 1 runtime
+//! failure, 2 bad usage or bad configuration.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, LogFormat};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "outbox-relay",
+    version,
+    about = "Publishes transactional-outbox rows from PostgreSQL to NATS, RabbitMQ and Kafka."
+)]
+pub struct Cli {
+    /// TOML configuration file. Without one, defaults point at local services; every key can
+    /// be overridden with OUTBOX_<SECTION>__<KEY> environment variables.
+    #[arg(long, short, global = true, env = "OUTBOX_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply the database migrations (idempotent).
+    Migrate,
+    /// Relay outbox rows to the brokers until SIGTERM or SIGINT, then finish in-flight work.
+    Run,
+    /// Show the backlog per topic (waiting rows, age of the oldest, publish rate, dead letters),
+    /// sink health and live relays, read from the database.
+    Status {
+        /// Print JSON instead of a table (with --watch: one JSON object per line).
+        #[arg(long)]
+        json: bool,
+        /// Keep refreshing (every second by default) until interrupted.
+        #[arg(long, short)]
+        watch: bool,
+        /// Seconds between refreshes with --watch.
+        #[arg(long, default_value_t = 1.0, value_name = "SECS", requires = "watch", value_parser = parse_interval)]
+        interval: f64,
+    },
+    /// Inspect, retry or purge dead letters (messages the relay gave up on).
+    Dead {
+        #[command(subcommand)]
+        command: crate::dead::DeadCommand,
+    },
+    /// Held-back and parked ordering keys: list them, release or skip one.
+    Keys {
+        #[command(subcommand)]
+        command: crate::ordering::keys::KeysCommand,
+    },
+    /// Migrate, enqueue sample users with their outbox rows, relay them to NATS, show what arrived.
+    Demo {
+        /// How many sample users to create.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        count: u32,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // The demo talks to a person: only warnings and errors, unless RUST_LOG says otherwise.
+    let level = match cli.command {
+        Command::Demo { .. } if config.log.level == "info" => "warn".to_string(),
+        _ => config.log.level.clone(),
+    };
+    init_logging(&config, &level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(dispatch(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<crate::dead::UsageError>().is_some() => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Migrate => {
+            let pool = connect_once(&config).await?;
+            crate::db::migrate(&pool).await?;
+            println!(
+                "migrations applied to {}",
+                crate::redact_url(&config.database.url)
+            );
+            Ok(())
+        }
+        Command::Run => {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(wait_for_signal(shutdown.clone()));
+            crate::run(config, shutdown).await
+        }
+        Command::Status {
+            json,
+            watch,
+            interval,
+        } => {
+            let pool = connect_once(&config).await?;
+            crate::check_schema(&pool).await?;
+            if watch {
+                crate::status::watch(&pool, json, std::time::Duration::from_secs_f64(interval))
+                    .await
+            } else {
+                crate::status::print(&pool, json).await
+            }
+        }
+        Command::Dead { command } => {
+            let pool = connect_once(&config).await?;
+            crate::check_schema(&pool).await?;
+            crate::dead::run(&pool, command).await
+        }
+        Command::Keys { command } => {
+            let pool = connect_once(&config).await?;
+            crate::check_schema(&pool).await?;
+            crate::ordering::keys::run(&pool, command).await
+        }
+        Command::Demo { count } => crate::demo::run(config, count).await,
+    }
+}
+
+fn parse_interval(raw: &str) -> Result<f64, String> {
+    match raw.parse::<f64>() {
+        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "{raw:?} is not a number of seconds between 0.1 and 3600"
+        )),
+    }
+}
+
+/// For one-shot commands: connect or fail with a clear message.
+async fn connect_once(config: &Config) -> anyhow::Result<sqlx::PgPool> {
+    crate::db::connect(
+        &config.database.url,
+        2,
+        std::time::Duration::from_secs(config.database.connect_timeout_secs),
+        std::time::Duration::from_secs(config.relay.claim_timeout_secs),
+    )
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "cannot connect to PostgreSQL at {}: {e}; start it, or set database.url (OUTBOX_DATABASE__URL)",
+            crate::redact_url(&config.database.url)
+        )
+    })
+}
+
+async fn wait_for_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    shutdown.cancel();
+}
+
+fn init_logging(config: &Config, level: &str) {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    for directive in crate::sinks::amqp::LOG_DIRECTIVES {
+        if let Ok(d) = directive.parse() {
+            filter = filter.add_directive(d);
+        }
+    }
+    // Colours only on a terminal: escape codes inside `key=value` fields break log files and
+    // pipelines.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    let _ = match config.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}

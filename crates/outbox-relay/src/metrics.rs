@@ -1,0 +1,185 @@
+//! The relay's Prometheus metrics. Every name starts with `outbox_`, uses base units and
+//! low-cardinality labels (topic, sink, outcome, error type; never ids or error text), and is
+//! updated once per batch. The catalogue with meanings and alerts is docs/metrics.md.
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub pending_messages: IntGaugeVec,
+    pub oldest_pending_age_seconds: GaugeVec,
+    pub dead_letters: IntGaugeVec,
+    pub published_total: IntCounterVec,
+    pub publish_errors_total: IntCounterVec,
+    pub retries_total: IntCounterVec,
+    pub delivery_latency_seconds: HistogramVec,
+    pub batch_size: Histogram,
+    pub claim_duration_seconds: Histogram,
+    pub mark_duration_seconds: Histogram,
+    pub publish_duration_seconds: HistogramVec,
+    pub sink_up: IntGaugeVec,
+    pub database_up: IntGauge,
+    pub in_flight_messages: IntGauge,
+    pub unmarked_published_total: IntCounter,
+    pub lag_query_duration_seconds: Gauge,
+    pub relay_instances: IntGauge,
+    /// Every registered metric name, for the catalogue check (docs/metrics.md).
+    pub names: Vec<String>,
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help)
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let latency_buckets = vec![
+            0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            60.0, 300.0,
+        ];
+        let duration_buckets = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+        ];
+        let mut m = Self {
+            pending_messages: IntGaugeVec::new(
+                opts("outbox_pending_messages", "Outbox rows waiting to be published (including in flight)."),
+                &["topic"],
+            )
+            .unwrap(),
+            oldest_pending_age_seconds: GaugeVec::new(
+                opts("outbox_oldest_pending_age_seconds", "Age of the oldest waiting outbox row."),
+                &["topic"],
+            )
+            .unwrap(),
+            dead_letters: IntGaugeVec::new(
+                opts("outbox_dead_letters", "Rows in outbox.dead_letters, awaiting an operator."),
+                &["topic"],
+            )
+            .unwrap(),
+            published_total: IntCounterVec::new(
+                opts(
+                    "outbox_published_total",
+                    "Rows handled per outcome: delivered, duplicate, retry, dead, released.",
+                ),
+                &["topic", "sink", "outcome"],
+            )
+            .unwrap(),
+            publish_errors_total: IntCounterVec::new(
+                opts("outbox_publish_errors_total", "Publish failures by error type."),
+                &["topic", "sink", "error_type"],
+            )
+            .unwrap(),
+            retries_total: IntCounterVec::new(
+                opts("outbox_retries_total", "Rows scheduled for another attempt after a failure."),
+                &["topic", "sink"],
+            )
+            .unwrap(),
+            delivery_latency_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "outbox_delivery_latency_seconds",
+                    "From the row's created_at to the broker's acknowledgement.",
+                )
+                .buckets(latency_buckets),
+                &["sink"],
+            )
+            .unwrap(),
+            batch_size: Histogram::with_opts(
+                HistogramOpts::new("outbox_batch_size", "Rows per claimed batch.").buckets(vec![
+                    1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+                ]),
+            )
+            .unwrap(),
+            claim_duration_seconds: Histogram::with_opts(
+                HistogramOpts::new("outbox_claim_duration_seconds", "Duration of the claim statement.")
+                    .buckets(duration_buckets.clone()),
+            )
+            .unwrap(),
+            mark_duration_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "outbox_mark_duration_seconds",
+                    "Duration of marking a batch (mark sent, retries, dead letters, commit).",
+                )
+                .buckets(duration_buckets.clone()),
+            )
+            .unwrap(),
+            publish_duration_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "outbox_publish_duration_seconds",
+                    "Duration of publishing one batch to a sink, acknowledgements included.",
+                )
+                .buckets(duration_buckets),
+                &["sink"],
+            )
+            .unwrap(),
+            sink_up: IntGaugeVec::new(opts("outbox_sink_up", "1 when the sink is reachable, 0 when its circuit is open."), &["sink"])
+                .unwrap(),
+            database_up: IntGauge::with_opts(opts("outbox_database_up", "1 when the relay reaches PostgreSQL.")).unwrap(),
+            in_flight_messages: IntGauge::with_opts(opts(
+                "outbox_in_flight_messages",
+                "Rows claimed and being published but not yet marked: a crash now would re-publish them.",
+            ))
+            .unwrap(),
+            unmarked_published_total: IntCounter::with_opts(opts(
+                "outbox_unmarked_published_total",
+                "Rows the broker confirmed whose mark failed (they will be published again: duplicates).",
+            ))
+            .unwrap(),
+            lag_query_duration_seconds: Gauge::with_opts(opts(
+                "outbox_lag_query_duration_seconds",
+                "Duration of the last lag sampling query.",
+            ))
+            .unwrap(),
+            relay_instances: IntGauge::with_opts(opts(
+                "outbox_relay_instances",
+                "Relays whose heartbeat in outbox.relays is fresher than relay.relay_expiry_secs, this one included.",
+            ))
+            .unwrap(),
+            names: Vec::new(),
+            registry,
+        };
+        let r = &m.registry;
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.pending_messages.clone()),
+            Box::new(m.oldest_pending_age_seconds.clone()),
+            Box::new(m.dead_letters.clone()),
+            Box::new(m.published_total.clone()),
+            Box::new(m.publish_errors_total.clone()),
+            Box::new(m.retries_total.clone()),
+            Box::new(m.delivery_latency_seconds.clone()),
+            Box::new(m.batch_size.clone()),
+            Box::new(m.claim_duration_seconds.clone()),
+            Box::new(m.mark_duration_seconds.clone()),
+            Box::new(m.publish_duration_seconds.clone()),
+            Box::new(m.sink_up.clone()),
+            Box::new(m.database_up.clone()),
+            Box::new(m.in_flight_messages.clone()),
+            Box::new(m.unmarked_published_total.clone()),
+            Box::new(m.lag_query_duration_seconds.clone()),
+            Box::new(m.relay_instances.clone()),
+        ];
+        let mut names = Vec::new();
+        for c in collectors {
+            names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
+            r.register(c).expect("metric names are unique");
+        }
+        m.names = names;
+        m
+    }
+
+    /// The text exposition format for `/metrics`.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,22 @@
+//! Kafka sink (rdkafka, librdkafka built from source).
+//!
+//! Each row is produced to the Kafka topic its route renders (`{topic}` by default) with the
+//! outbox key as the message key, so one key's messages land in one partition, in enqueue order
+//! (the producer is idempotent, `acks=all`, and the batch is queued in claim order). Headers
+//! are carried, plus `outbox-message-id` (the idempotency key), `outbox-topic` and
+//! `outbox-key`; the Kafka timestamp is the row's `created_at`.
+//!
+//! The whole batch is queued first, then the delivery reports are awaited; a row is
+//! [`Outcome::Delivered`](crate::sinks::Outcome::Delivered) only after its report succeeded.
+//! Errors are sorted in `service.rs`: broker down, timeouts, leader changes and a full queue make
+//! the whole sink unavailable (rows released, no attempt counted); a message too large, an
+//! unknown topic, a topic the relay may not write to or an invalid record fail that row alone,
+//! permanently. Kafka does not report duplicates: a re-published row (after a crash or a
+//! timeout) arrives again with the same `outbox-message-id` header, for consumers to drop.
+
+mod config;
+mod service;
+mod sink;
+
+pub use config::{KafkaConfig, KafkaRoute, DEFAULT_BROKERS};
+pub use sink::KafkaSink;

@@ -1,0 +1,433 @@
+//! The Kafka calls: create the idempotent producer, produce a batch and collect its delivery
+//! reports, fetch metadata. No SQL, no metrics, no retry policy here.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::future::join_all;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::{ClientConfig, ClientContext};
+
+use crate::sinks::SinkError;
+
+/// Receives librdkafka's client-level events. `AllBrokersDown` makes the sink report itself
+/// unavailable at once instead of waiting for every message to time out.
+pub(super) struct KafkaContext {
+    sink: String,
+    brokers_down: Arc<AtomicBool>,
+}
+
+impl ClientContext for KafkaContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical => {
+                tracing::error!(sink = %self.sink, facility = fac, "librdkafka: {log_message}")
+            }
+            // librdkafka logs every failed (re)connection at LOG_ERR; the sink's state (breaker,
+            // outcomes) carries the real signal, so these are warnings here.
+            RDKafkaLogLevel::Error | RDKafkaLogLevel::Warning => {
+                tracing::warn!(sink = %self.sink, facility = fac, "librdkafka: {log_message}")
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(sink = %self.sink, facility = fac, "librdkafka: {log_message}")
+            }
+            RDKafkaLogLevel::Debug => {
+                tracing::debug!(sink = %self.sink, facility = fac, "librdkafka: {log_message}")
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::AllBrokersDown) => {
+                // Logged on the transition only; librdkafka repeats it while reconnecting.
+                if !self.brokers_down.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(sink = %self.sink, reason, "all Kafka brokers are down");
+                }
+            }
+            Some(RDKafkaErrorCode::Fatal) => {
+                tracing::error!(sink = %self.sink, error = %error, reason, "fatal Kafka producer error")
+            }
+            _ => tracing::debug!(sink = %self.sink, error = %error, reason, "Kafka client error"),
+        }
+    }
+}
+
+type Client = FutureProducer<KafkaContext>;
+
+pub(super) struct KafkaService {
+    sink: String,
+    config: ClientConfig,
+    producer: RwLock<Arc<Client>>,
+    brokers_down: Arc<AtomicBool>,
+    queue_full_timeout: Duration,
+}
+
+/// One message ready to produce.
+pub(super) struct Outgoing {
+    pub topic: String,
+    pub key: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub payload: Vec<u8>,
+    pub timestamp_ms: i64,
+}
+
+/// The broker's answer for one message.
+pub(super) enum Delivery {
+    Stored,
+    Failed(SinkError),
+}
+
+impl KafkaService {
+    /// Creates the producer. librdkafka connects in the background: a cluster that is down is
+    /// not an error here, only a configuration librdkafka refuses.
+    pub fn new(
+        sink: &str,
+        config: ClientConfig,
+        queue_full_timeout: Duration,
+    ) -> Result<Self, SinkError> {
+        let brokers_down = Arc::new(AtomicBool::new(false));
+        let producer = create(sink, &config, &brokers_down)?;
+        Ok(Self {
+            sink: sink.into(),
+            config,
+            producer: RwLock::new(Arc::new(producer)),
+            brokers_down,
+            queue_full_timeout,
+        })
+    }
+
+    fn producer(&self) -> Arc<Client> {
+        self.producer
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether librdkafka last said that it reaches no broker at all.
+    pub fn brokers_down(&self) -> bool {
+        self.brokers_down.load(Ordering::Acquire)
+    }
+
+    /// Fetches the cluster metadata (on a blocking thread: librdkafka's call blocks). Success
+    /// clears the "all brokers down" state.
+    pub async fn fetch_metadata(&self, timeout: Duration) -> Result<usize, SinkError> {
+        let producer = self.producer();
+        let brokers = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, timeout)
+                .map(|m| m.brokers().len())
+        })
+        .await
+        .map_err(|e| SinkError::unavailable("internal", format!("metadata task failed: {e}")))?
+        .map_err(|e| {
+            SinkError::unavailable(
+                "unreachable",
+                format!("cannot fetch Kafka cluster metadata: {e}"),
+            )
+        })?;
+        if brokers == 0 {
+            return Err(SinkError::unavailable(
+                "unreachable",
+                "the Kafka cluster reports no brokers",
+            ));
+        }
+        self.brokers_down.store(false, Ordering::Release);
+        Ok(brokers)
+    }
+
+    /// Produces every message in order (so one key's messages keep their order within their
+    /// partition), then awaits all delivery reports: one wait for the batch, not per message.
+    pub async fn produce_all(&self, batch: &[Outgoing]) -> Vec<Delivery> {
+        let producer = self.producer();
+        let mut out: Vec<Option<Delivery>> = Vec::with_capacity(batch.len());
+        let mut pending: Vec<(usize, DeliveryFuture)> = Vec::with_capacity(batch.len());
+        let mut stop: Option<SinkError> = None;
+        for (i, msg) in batch.iter().enumerate() {
+            if let Some(e) = &stop {
+                // A later message of the same key must not overtake one that was not queued.
+                out.push(Some(Delivery::Failed(e.clone())));
+                continue;
+            }
+            match self.enqueue(&producer, msg).await {
+                Ok(fut) => {
+                    out.push(None);
+                    pending.push((i, fut));
+                }
+                Err(e) => {
+                    if e.kind == crate::sinks::ErrorKind::Unavailable {
+                        stop = Some(e.clone());
+                    }
+                    out.push(Some(Delivery::Failed(e)));
+                }
+            }
+        }
+        let reports = join_all(
+            pending
+                .into_iter()
+                .map(|(i, fut)| async move { (i, fut.await) }),
+        )
+        .await;
+        let mut any_stored = false;
+        for (i, report) in reports {
+            out[i] = Some(match report {
+                Ok(Ok(_)) => {
+                    any_stored = true;
+                    Delivery::Stored
+                }
+                Ok(Err((e, _))) => Delivery::Failed(classify(&e)),
+                Err(_canceled) => Delivery::Failed(SinkError::unavailable(
+                    "internal",
+                    "the Kafka producer was closed before reporting",
+                )),
+            });
+        }
+        if any_stored {
+            self.brokers_down.store(false, Ordering::Release);
+        }
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            self.replace_producer(&producer, code, &reason);
+        }
+        out.into_iter()
+            .map(|d| {
+                d.unwrap_or_else(|| {
+                    Delivery::Failed(SinkError::unavailable(
+                        "internal",
+                        "no delivery report recorded",
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// Queues one message, waiting up to `queue_full_timeout` for room in librdkafka's queue.
+    async fn enqueue(
+        &self,
+        producer: &Client,
+        msg: &Outgoing,
+    ) -> Result<DeliveryFuture, SinkError> {
+        let mut headers = OwnedHeaders::new_with_capacity(msg.headers.len());
+        for (key, value) in &msg.headers {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&msg.topic)
+            .payload(&msg.payload[..])
+            .headers(headers)
+            .timestamp(msg.timestamp_ms);
+        if let Some(key) = &msg.key {
+            record = record.key(key.as_bytes());
+        }
+        let deadline = tokio::time::Instant::now() + self.queue_full_timeout;
+        loop {
+            match producer.send_result(record) {
+                Ok(fut) => return Ok(fut),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    // librdkafka's own thread drains the queue; give it a moment.
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err((e, _)) => return Err(classify(&e)),
+            }
+        }
+    }
+
+    /// After a fatal error (e.g. the idempotent producer's sequence state is broken) the
+    /// producer accepts nothing more: replace it. The rows of the failed batch were reported
+    /// unavailable and will be produced again by the new producer.
+    fn replace_producer(&self, failed: &Arc<Client>, code: RDKafkaErrorCode, reason: &str) {
+        let mut slot = self.producer.write().unwrap_or_else(|e| e.into_inner());
+        if !Arc::ptr_eq(&slot, failed) {
+            return; // another batch replaced it already
+        }
+        tracing::error!(sink = %self.sink, code = ?code, reason, "fatal Kafka producer error; creating a new producer");
+        match create(&self.sink, &self.config, &self.brokers_down) {
+            Ok(p) => {
+                let old = std::mem::replace(&mut *slot, Arc::new(p));
+                // Destroying a librdkafka client blocks; not on the async runtime.
+                tokio::task::spawn_blocking(move || drop(old));
+            }
+            Err(e) => {
+                tracing::error!(sink = %self.sink, error = %e, "cannot create a new Kafka producer")
+            }
+        }
+    }
+}
+
+fn create(
+    sink: &str,
+    config: &ClientConfig,
+    brokers_down: &Arc<AtomicBool>,
+) -> Result<Client, SinkError> {
+    let context = KafkaContext {
+        sink: sink.into(),
+        brokers_down: brokers_down.clone(),
+    };
+    config.create_with_context(context).map_err(|e| {
+        SinkError::permanent(
+            "config",
+            format!("librdkafka refused the producer configuration: {e}"),
+        )
+    })
+}
+
+/// Sorts a librdkafka error into: the whole sink is unavailable (retry later, no attempt
+/// counted), this row can never succeed (dead-letter it), or this row may succeed later.
+pub(super) fn classify(error: &KafkaError) -> SinkError {
+    use RDKafkaErrorCode as C;
+    let Some(code) = error.rdkafka_error_code() else {
+        return SinkError::retriable("kafka", format!("Kafka producer error: {error}"));
+    };
+    match code {
+        C::MessageSizeTooLarge | C::InvalidMessageSize | C::MessageBatchTooLarge => SinkError::permanent(
+            "too_large",
+            format!(
+                "message too large for Kafka ({error}): raise message.max.bytes on the broker/topic and \
+                 librdkafka.\"message.max.bytes\", or publish smaller payloads"
+            ),
+        ),
+        C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition => SinkError::permanent(
+            "unknown_topic",
+            format!("the Kafka topic does not exist and the broker does not create it ({error}): create the topic"),
+        ),
+        C::TopicAuthorizationFailed => SinkError::permanent(
+            "not_authorized",
+            format!("not authorised to write to this Kafka topic ({error}): grant the relay's principal WRITE on it"),
+        ),
+        C::InvalidTopic => SinkError::permanent("invalid_topic", format!("invalid Kafka topic name ({error})")),
+        C::InvalidRecord
+        | C::InvalidMessage
+        | C::InvalidTimestamp
+        | C::UnsupportedForMessageFormat
+        | C::PolicyViolation
+        | C::BadMessage
+        | C::InvalidArgument => SinkError::permanent("invalid_record", format!("Kafka rejected the record ({error})")),
+        C::MessageTimedOut
+        | C::RequestTimedOut
+        | C::OperationTimedOut
+        | C::TimedOutQueue
+        | C::BrokerTransportFailure
+        | C::AllBrokersDown
+        | C::Resolve
+        | C::NetworkException
+        | C::BrokerNotAvailable
+        | C::LeaderNotAvailable
+        | C::NotLeaderForPartition
+        | C::FencedLeaderEpoch
+        | C::UnknownLeaderEpoch
+        | C::ReplicaNotAvailable
+        | C::PreferredLeaderNotAvailable
+        | C::NotEnoughReplicas
+        | C::NotEnoughReplicasAfterAppend
+        | C::KafkaStorageError
+        | C::QueueFull
+        | C::PurgeQueue
+        | C::PurgeInflight
+        | C::DestroyBroker
+        | C::BrokerDestroy
+        | C::Fatal
+        | C::Authentication
+        | C::SaslAuthenticationFailed
+        | C::ClusterAuthorizationFailed
+        | C::SSL
+        | C::ThrottlingQuotaExceeded
+        | C::OutOfOrderSequenceNumber
+        | C::UnknownProducerId
+        | C::InvalidProducerEpoch
+        | C::ProducerFenced => SinkError::unavailable(unavailable_type(code), format!("Kafka unavailable: {error}")),
+        _ => SinkError::retriable("kafka", format!("Kafka producer error: {error}")),
+    }
+}
+
+fn unavailable_type(code: RDKafkaErrorCode) -> &'static str {
+    use RDKafkaErrorCode as C;
+    match code {
+        C::MessageTimedOut | C::RequestTimedOut | C::OperationTimedOut | C::TimedOutQueue => {
+            "timeout"
+        }
+        C::LeaderNotAvailable
+        | C::NotLeaderForPartition
+        | C::FencedLeaderEpoch
+        | C::UnknownLeaderEpoch
+        | C::PreferredLeaderNotAvailable => "leader_unavailable",
+        C::NotEnoughReplicas | C::NotEnoughReplicasAfterAppend | C::ReplicaNotAvailable => {
+            "not_enough_replicas"
+        }
+        C::QueueFull => "queue_full",
+        C::Authentication
+        | C::SaslAuthenticationFailed
+        | C::ClusterAuthorizationFailed
+        | C::SSL => "auth",
+        C::Fatal
+        | C::OutOfOrderSequenceNumber
+        | C::UnknownProducerId
+        | C::InvalidProducerEpoch
+        | C::ProducerFenced => "producer_fenced",
+        _ => "unreachable",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sinks::ErrorKind;
+
+    fn kind(code: RDKafkaErrorCode) -> (ErrorKind, &'static str) {
+        let e = classify(&KafkaError::MessageProduction(code));
+        (e.kind, e.error_type)
+    }
+
+    #[test]
+    fn classification() {
+        use RDKafkaErrorCode as C;
+        assert_eq!(
+            kind(C::MessageSizeTooLarge),
+            (ErrorKind::Permanent, "too_large")
+        );
+        assert_eq!(
+            kind(C::UnknownTopicOrPartition),
+            (ErrorKind::Permanent, "unknown_topic")
+        );
+        assert_eq!(
+            kind(C::UnknownTopic),
+            (ErrorKind::Permanent, "unknown_topic")
+        );
+        assert_eq!(
+            kind(C::TopicAuthorizationFailed),
+            (ErrorKind::Permanent, "not_authorized")
+        );
+        assert_eq!(
+            kind(C::InvalidRecord),
+            (ErrorKind::Permanent, "invalid_record")
+        );
+        assert_eq!(
+            kind(C::MessageTimedOut),
+            (ErrorKind::Unavailable, "timeout")
+        );
+        assert_eq!(
+            kind(C::AllBrokersDown),
+            (ErrorKind::Unavailable, "unreachable")
+        );
+        assert_eq!(
+            kind(C::NotLeaderForPartition),
+            (ErrorKind::Unavailable, "leader_unavailable")
+        );
+        assert_eq!(
+            kind(C::LeaderNotAvailable),
+            (ErrorKind::Unavailable, "leader_unavailable")
+        );
+        assert_eq!(kind(C::QueueFull), (ErrorKind::Unavailable, "queue_full"));
+        assert_eq!(kind(C::InvalidRequiredAcks).0, ErrorKind::Retriable);
+        let e = classify(&KafkaError::MessageProduction(C::MessageSizeTooLarge));
+        assert!(e.message.contains("message.max.bytes"), "{}", e.message);
+    }
+}

@@ -1,0 +1,269 @@
+//! The command line: bad configuration exits 2 naming the key, an unreachable database is
+//! retried with backoff instead of crashing, `--help` everywhere, `status --json`.
+
+mod support;
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use outbox_client::{enqueue_many, Message};
+use support::*;
+
+/// The binary with a clean `OUTBOX_*` environment plus `env`; killed if it runs past 30 s.
+fn run_cli(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(relay_bin());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("OUTBOX_")) {
+        cmd.env_remove(k);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("spawn outbox-relay");
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(out) => out.expect("wait for outbox-relay"),
+        Err(_) => {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("outbox-relay {args:?} did not exit within 30 s");
+        }
+    }
+}
+
+/// `outbox-relay --config <file> run` with `toml` as the file.
+fn run_with_config(toml: &str, env: &[(&str, &str)]) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, toml).unwrap();
+    run_cli(&["--config", path.to_str().unwrap(), "run"], env)
+}
+
+fn assert_config_error(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "expected exit code 2; stderr:\n{stderr}"
+    );
+    for n in needles {
+        assert!(
+            stderr.contains(n),
+            "stderr does not mention {n:?}:\n{stderr}"
+        );
+    }
+}
+
+/// guarantees.md: bad configuration exits with code 2 and a message naming the bad key.
+#[test]
+fn bad_config_exits_2_and_names_the_key() {
+    // Unknown key in the TOML file.
+    let out = run_with_config("[relay]\nbatch_sise = 10\n", &[]);
+    assert_config_error(&out, &["batch_sise", "relay"]);
+
+    // Unknown top-level section.
+    let out = run_with_config("[relais]\nbatch_size = 10\n", &[]);
+    assert_config_error(&out, &["relais"]);
+
+    // Wrong value type.
+    let out = run_with_config("[relay]\nbatch_size = \"many\"\n", &[]);
+    assert_config_error(&out, &["relay.batch_size"]);
+
+    // Bad environment override (no config file at all).
+    let out = run_cli(&["run"], &[("OUTBOX_RELAY__BATCH_SIZE", "abc")]);
+    assert_config_error(
+        &out,
+        &["relay.batch_size", "OUTBOX_RELAY__BATCH_SIZE", "\"abc\""],
+    );
+
+    // A value out of range says what is allowed.
+    let out = run_cli(&["run"], &[("OUTBOX_RELAY__BATCH_SIZE", "0")]);
+    assert_config_error(&out, &["relay.batch_size must be between 1 and 10000"]);
+
+    // Invalid route pattern.
+    let toml = r#"
+[sinks.events]
+kind = "nats"
+routes = [{ topics = ["orders.[paid"], subject = "outbox.{topic}" }]
+"#;
+    let out = run_with_config(toml, &[]);
+    assert_config_error(&out, &["sinks.events.routes[0].topics", "orders.[paid"]);
+
+    // Unknown placeholder in a route's subject.
+    let toml = r#"
+[sinks.events]
+kind = "nats"
+routes = [{ topics = ["orders.*"], subject = "outbox.{tpoic}" }]
+"#;
+    let out = run_with_config(toml, &[]);
+    assert_config_error(&out, &["sinks.events", "{tpoic}"]);
+
+    // A config file that does not exist.
+    let out = run_cli(&["--config", "/nonexistent/relay.toml", "run"], &[]);
+    assert_config_error(&out, &["/nonexistent/relay.toml"]);
+}
+
+/// guarantees.md: with the database unreachable, `run` logs a clear error and retries with
+/// growing backoff instead of exiting (no crash loop); SIGTERM still stops it cleanly (exit 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_database_is_retried_with_backoff_and_sigterm_exits_0() {
+    let closed = free_port();
+    let config = format!(
+        "[database]\nurl = \"postgres://postgres@127.0.0.1:{closed}/postgres\"\nconnect_timeout_secs = 2\n[http]\nlisten = \"\"\n"
+    );
+    let mut relay = RelayProcess::start(&config);
+    let attempts = |stderr: &str| -> Vec<u64> {
+        stderr
+            .lines()
+            .filter(|l| l.contains("cannot reach PostgreSQL"))
+            .map(|l| {
+                let v = l
+                    .split("retry_in_ms=")
+                    .nth(1)
+                    .expect("retry_in_ms field")
+                    .split_whitespace()
+                    .next()
+                    .unwrap();
+                v.parse().unwrap()
+            })
+            .collect()
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "four connection attempts logged",
+        || {
+            let n = attempts(&relay.stderr()).len();
+            async move { n >= 4 }
+        },
+    )
+    .await;
+    let stderr = relay.stderr();
+    let delays = attempts(&stderr);
+    assert!(
+        delays.windows(2).all(|w| w[1] > w[0]),
+        "backoff does not grow: {delays:?}\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("127.0.0.1:{closed}")),
+        "the error names the database:\n{stderr}"
+    );
+    assert!(
+        stderr.to_lowercase().contains("connection refused"),
+        "the error says why:\n{stderr}"
+    );
+    assert!(
+        relay.child.try_wait().unwrap().is_none(),
+        "the relay exited instead of retrying:\n{stderr}"
+    );
+
+    relay.sigterm();
+    assert_eq!(
+        relay.wait_exit(Duration::from_secs(10)).await,
+        Some(0),
+        "stderr:\n{}",
+        relay.stderr()
+    );
+}
+
+/// Every command answers `--help`.
+#[test]
+fn help_works_on_every_command() {
+    for args in [
+        &["--help"][..],
+        &["migrate", "--help"],
+        &["run", "--help"],
+        &["status", "--help"],
+        &["demo", "--help"],
+        &["help", "run"],
+    ] {
+        let out = run_cli(args, &[]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("Usage:"), "{args:?} printed:\n{stdout}");
+    }
+    let out = run_cli(&["--help"], &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for command in ["migrate", "run", "status", "demo"] {
+        assert!(
+            stdout.contains(command),
+            "top-level help does not list {command}:\n{stdout}"
+        );
+    }
+    // Bad usage is exit code 2 too.
+    assert_eq!(run_cli(&["frobnicate"], &[]).status.code(), Some(2));
+}
+
+/// `status --json` shows waiting rows per topic and the age of the oldest; the table shows the
+/// same topics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_json_shows_waiting_counts_and_oldest_age_per_topic() {
+    let db = TestDb::new().await;
+    let batch: Vec<Message> = (0..3)
+        .map(|i| Message::bytes("orders.created", vec![i]))
+        .chain((0..2).map(|i| Message::bytes("users.created", vec![i])))
+        .collect();
+    enqueue_many(&mut db.pool.acquire().await.unwrap(), &batch)
+        .await
+        .unwrap();
+    // Make one orders row an hour old: the oldest age must come from it.
+    sqlx::query(
+        "UPDATE outbox.messages SET created_at = now() - interval '1 hour'
+          WHERE id = (SELECT min(id) FROM outbox.messages WHERE topic = 'orders.created')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let env = [("OUTBOX_DATABASE__URL", db.url.as_str())];
+    let out = run_cli(&["status", "--json"], &env);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("status --json prints JSON");
+    let topics = json["topics"].as_array().expect("topics array");
+    let find = |name: &str| {
+        topics
+            .iter()
+            .find(|t| t["topic"] == name)
+            .unwrap_or_else(|| panic!("{name} missing: {json}"))
+    };
+    assert_eq!(find("orders.created")["waiting"], 3);
+    assert_eq!(find("users.created")["waiting"], 2);
+    let orders_age = find("orders.created")["oldest_age_seconds"]
+        .as_f64()
+        .unwrap();
+    let users_age = find("users.created")["oldest_age_seconds"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (3600.0..3900.0).contains(&orders_age),
+        "orders age {orders_age}"
+    );
+    assert!((0.0..300.0).contains(&users_age), "users age {users_age}");
+    assert_eq!(topics.len(), 2);
+
+    let out = run_cli(&["status"], &env);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        table.contains("orders.created")
+            && table.contains("users.created")
+            && table.contains("WAITING"),
+        "{table}"
+    );
+}

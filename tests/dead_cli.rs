@@ -1,0 +1,411 @@
+//! `outbox-relay dead list|show|retry|purge` against a real database (guarantees.md,
+//! "Dead letters"), and a retried dead letter delivered by the real relay.
+
+mod support;
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use outbox_client::{enqueue, Message};
+use support::*;
+
+/// Runs the CLI on `db` with stdin closed (not a terminal).
+fn cli(db: &TestDb, args: &[&str]) -> Output {
+    Command::new(relay_bin())
+        .args(args)
+        .env("OUTBOX_DATABASE__URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run outbox-relay")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    assert!(
+        o.status.success(),
+        "status {:?}\nstdout: {}\nstderr: {}",
+        o.status,
+        stdout(o),
+        stderr(o)
+    );
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(o)))
+}
+
+/// Inserts a dead letter as the relay would have left it, dead for `dead_secs_ago` seconds.
+async fn insert_dead(db: &TestDb, id: i64, topic: &str, payload: &[u8], dead_secs_ago: i64) {
+    sqlx::query(
+        "INSERT INTO outbox.dead_letters
+                (id, message_id, topic, key, payload, headers, created_at, attempts, last_error, errors, dead_at)
+         VALUES ($1, 'mid-' || $1, $2, 'key-1', $3, '{\"h\":\"v\"}', now() - interval '1 day', 3,
+                 'broker said no (gave up after 3 attempts)',
+                 jsonb_build_array(
+                   jsonb_build_object('at', now(), 'attempt', 1, 'error', 'first failure'),
+                   jsonb_build_object('at', now(), 'attempt', 2, 'error', 'second failure'),
+                   jsonb_build_object('at', now(), 'attempt', 3, 'error', 'broker said no (gave up after 3 attempts)')),
+                 now() - $4 * interval '1 second')",
+    )
+    .bind(id)
+    .bind(topic)
+    .bind(payload)
+    .bind(dead_secs_ago)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
+fn ids(v: &serde_json::Value) -> Vec<i64> {
+    v["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_i64().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_list_filters_limit_and_json() {
+    let db = TestDb::new().await;
+    insert_dead(&db, 1, "orders.paid", b"{\"n\":1}", 10).await; // 10 s ago
+    insert_dead(&db, 2, "orders.paid", b"{\"n\":2}", 2 * 3600).await; // 2 h ago
+    insert_dead(&db, 3, "users.created", b"{\"n\":3}", 3 * 86400).await; // 3 days ago
+    insert_dead(&db, 4, "users.created", b"{\"n\":4}", 60).await; // 1 min ago
+
+    let all = json(&cli(&db, &["dead", "list", "--json"]));
+    assert_eq!(ids(&all), vec![1, 2, 3, 4]);
+    assert_eq!(all["total"], 4);
+    assert_eq!(all["dead_letters"][0]["payload_bytes"], 7);
+    assert_eq!(
+        all["dead_letters"][0]["last_error"],
+        "broker said no (gave up after 3 attempts)"
+    );
+
+    assert_eq!(
+        ids(&json(&cli(
+            &db,
+            &["dead", "list", "--json", "--topic", "users.created"]
+        ))),
+        vec![3, 4]
+    );
+    assert_eq!(
+        ids(&json(&cli(
+            &db,
+            &[
+                "dead",
+                "list",
+                "--json",
+                "--topic",
+                "users.created",
+                "--topic",
+                "orders.paid"
+            ]
+        ))),
+        vec![1, 2, 3, 4]
+    );
+    assert_eq!(
+        ids(&json(&cli(
+            &db,
+            &["dead", "list", "--json", "--older-than", "1h"]
+        ))),
+        vec![2, 3]
+    );
+    assert_eq!(
+        ids(&json(&cli(
+            &db,
+            &["dead", "list", "--json", "--newer-than", "10m"]
+        ))),
+        vec![1, 4]
+    );
+    assert_eq!(
+        ids(&json(&cli(
+            &db,
+            &[
+                "dead",
+                "list",
+                "--json",
+                "--older-than",
+                "1h",
+                "--newer-than",
+                "1d"
+            ]
+        ))),
+        vec![2]
+    );
+    assert_eq!(
+        ids(&json(&cli(
+            &db,
+            &["dead", "list", "--json", "--id-from", "2", "--id-to", "3"]
+        ))),
+        vec![2, 3]
+    );
+    let limited = json(&cli(&db, &["dead", "list", "--json", "--limit", "2"]));
+    assert_eq!(ids(&limited), vec![1, 2]);
+    assert_eq!(limited["total"], 4);
+
+    let table = cli(&db, &["dead", "list", "--limit", "3"]);
+    assert!(table.status.success(), "{}", stderr(&table));
+    let text = stdout(&table);
+    assert!(
+        text.contains("ATTEMPTS")
+            && text.contains("orders.paid")
+            && text.contains("broker said no"),
+        "{text}"
+    );
+    assert!(text.contains("3 of 4 shown"), "{text}");
+
+    let bad = cli(&db, &["dead", "list", "--older-than", "3 days"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(stderr(&bad).contains("10m, 2h, 3d"), "{}", stderr(&bad));
+    let swapped = cli(&db, &["dead", "list", "--id-from", "5", "--id-to", "1"]);
+    assert_eq!(swapped.status.code(), Some(2));
+    assert!(
+        stderr(&swapped).contains("swap them"),
+        "{}",
+        stderr(&swapped)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_show_prints_text_or_hex_payload_and_the_error_history() {
+    let db = TestDb::new().await;
+    insert_dead(&db, 10, "t.text", "héllo wörld".as_bytes(), 5).await;
+    insert_dead(&db, 11, "t.bin", &[0x00, 0xff, 0x41, 0x80], 5).await;
+
+    let text = cli(&db, &["dead", "show", "10"]);
+    assert!(text.status.success(), "{}", stderr(&text));
+    let out = stdout(&text);
+    assert!(out.contains("UTF-8 text:\nhéllo wörld"), "{out}");
+    assert!(out.contains("error history (3 entries"), "{out}");
+    assert!(
+        out.contains("attempt 1")
+            && out.contains("first failure")
+            && out.contains("second failure"),
+        "{out}"
+    );
+    assert!(
+        out.contains("h: v") && out.contains("key:         key-1"),
+        "{out}"
+    );
+
+    let bin = stdout(&cli(&db, &["dead", "show", "11"]));
+    assert!(
+        bin.contains("binary (hex):\n00000000  00 ff 41 80"),
+        "{bin}"
+    );
+    assert!(bin.contains("|..A.|"), "{bin}");
+
+    let j = json(&cli(&db, &["dead", "show", "11", "--json"]));
+    assert_eq!(j["payload_hex"], "00ff4180");
+    assert!(j["payload_text"].is_null());
+    assert_eq!(j["errors"].as_array().unwrap().len(), 3);
+    let j = json(&cli(&db, &["dead", "show", "10", "--json"]));
+    assert_eq!(j["payload_text"], "héllo wörld");
+
+    let missing = cli(&db, &["dead", "show", "999"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        stderr(&missing).contains("no dead letter with id 999"),
+        "{}",
+        stderr(&missing)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_retry_moves_rows_back_with_their_id_and_reports_message_id_conflicts() {
+    let db = TestDb::new().await;
+    insert_dead(&db, 21, "a", b"1", 5).await;
+    insert_dead(&db, 22, "a", b"2", 5).await;
+    insert_dead(&db, 23, "b", b"3", 5).await;
+    // Meanwhile the application enqueued a new message with 22's idempotency key.
+    let again = enqueue(
+        &mut db.pool.acquire().await.unwrap(),
+        &Message::bytes("a", b"new".to_vec()).message_id("mid-22"),
+    )
+    .await
+    .unwrap();
+
+    let out = cli(&db, &["dead", "retry", "--topic", "a"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a skipped row is an error to look at"
+    );
+    let text = stdout(&out);
+    assert!(text.contains(&format!("skipped 22 (topic a, message_id mid-22): outbox row {} with the same message_id is waiting", again.id)), "{text}");
+    assert!(text.contains("retried 1 dead letter(s)"), "{text}");
+    assert!(
+        stderr(&out).contains("1 dead letter(s) were not retried"),
+        "{}",
+        stderr(&out)
+    );
+
+    let (id, attempts, available_now, history): (i64, i32, bool, serde_json::Value) = sqlx::query_as(
+        "SELECT id, attempts, available_at <= now(), errors FROM outbox.messages WHERE message_id = 'mid-21'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (id, attempts, available_now),
+        (21, 0, true),
+        "original id, attempts reset, available now"
+    );
+    let history = history.as_array().unwrap();
+    assert_eq!(
+        history.len(),
+        4,
+        "the error history is kept, with the retry noted"
+    );
+    assert!(history[3]["event"].as_str().unwrap().contains("retried"));
+    let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM outbox.dead_letters ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        left,
+        vec![22, 23],
+        "the conflicting row stays dead; topic b untouched"
+    );
+
+    let j = json(&cli(
+        &db,
+        &[
+            "dead",
+            "retry",
+            "--id-from",
+            "23",
+            "--id-to",
+            "23",
+            "--json",
+        ],
+    ));
+    assert_eq!(j["retried"], 1);
+    assert_eq!(j["skipped"], 0);
+    assert_eq!(j["results"][0]["id"], 23);
+    let nothing = cli(&db, &["dead", "retry", "--topic", "zzz"]);
+    assert!(nothing.status.success());
+    assert!(stdout(&nothing).contains("nothing retried"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_purge_needs_yes_without_a_terminal_and_deletes_only_matching_rows() {
+    let db = TestDb::new().await;
+    for id in 31..=35 {
+        insert_dead(&db, id, if id % 2 == 0 { "even" } else { "odd" }, b"x", 5).await;
+    }
+    let count = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox.dead_letters")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+
+    let refused = cli(&db, &["dead", "purge", "--topic", "odd"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        stderr(&refused).contains("refusing to purge 3 dead letter(s) without confirmation"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(stderr(&refused).contains("--yes"));
+    assert_eq!(count().await, 5, "nothing purged without confirmation");
+
+    let j = json(&cli(
+        &db,
+        &[
+            "dead", "purge", "--topic", "odd", "--limit", "2", "--yes", "--json",
+        ],
+    ));
+    assert_eq!(j["purged"], 2);
+    let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM outbox.dead_letters ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, vec![32, 34, 35]);
+
+    let out = cli(&db, &["dead", "purge", "--yes"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("purged 3 dead letter(s)"));
+    assert_eq!(count().await, 0);
+    assert!(stdout(&cli(&db, &["dead", "purge", "--yes"])).contains("nothing purged"));
+}
+
+/// On a terminal, purge asks and accepts the count (run under `script` for a pseudo-terminal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_purge_on_a_terminal_asks_for_the_count() {
+    if Command::new("script").arg("--version").output().is_err() {
+        println!("SKIPPED: `script` (util-linux) is not installed, so no pseudo-terminal for the confirmation prompt");
+        return;
+    }
+    let db = TestDb::new().await;
+    insert_dead(&db, 41, "t", b"x", 5).await;
+    insert_dead(&db, 42, "t", b"x", 5).await;
+    let run = |answer: &str| {
+        let mut child = Command::new("script")
+            .args([
+                "-qec",
+                &format!("{} dead purge", relay_bin().display()),
+                "/dev/null",
+            ])
+            .env("OUTBOX_DATABASE__URL", &db.url)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{answer}\n").as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let no = run("nope");
+    assert!(
+        String::from_utf8_lossy(&no.stdout).contains("Type 2 or 'yes' to confirm"),
+        "{}",
+        String::from_utf8_lossy(&no.stdout)
+    );
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox.dead_letters")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 2, "a wrong answer purges nothing");
+    let yes = run("2");
+    assert!(
+        String::from_utf8_lossy(&yes.stdout).contains("purged 2 dead letter(s)"),
+        "{}",
+        String::from_utf8_lossy(&yes.stdout)
+    );
+}
+
+/// A retried dead letter is published by the relay like any other row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_dead_letter_is_delivered() {
+    let db = TestDb::new().await;
+    let (stream, prefix) = (unique("S"), unique("t"));
+    let mut consumer = NatsConsumer::new(&nats_url(), &stream, &[format!("{prefix}.>")]).await;
+    insert_dead(&db, 51, "revived", b"back from the dead", 5).await;
+    let relay = RelayProcess::start(&nats_config(&db.url, &nats_url(), &stream, &prefix, ""));
+    let out = cli(&db, &["dead", "retry", "--id-from", "51"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let got = consumer.collect(1, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 1, "relay stderr:\n{}", relay.stderr());
+    assert_eq!(got[0].msg_id, "mid-51");
+    assert_eq!(got[0].payload, b"back from the dead");
+    wait_until(Duration::from_secs(10), "outbox drained", || async {
+        db.waiting().await == 0
+    })
+    .await;
+    consumer.delete_stream().await;
+}

@@ -1,0 +1,323 @@
+//! End to end through NATS JetStream: the client crate or the SQL function enqueues, the real
+//! `outbox-relay` binary publishes, an independent JetStream consumer checks what arrived.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use outbox_client::{enqueue, Message};
+use support::*;
+
+/// guarantees.md G1: payload bytes, headers, key and message id arrive exactly as enqueued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_delivers_exact_bytes_headers_key_and_id() {
+    let db = TestDb::new().await;
+    let (stream, prefix) = (unique("S"), unique("t"));
+    let mut consumer = NatsConsumer::new(&nats_url(), &stream, &[format!("{prefix}.>")]).await;
+
+    // Through the client crate: arbitrary bytes (not UTF-8), a key, headers.
+    let payload: Vec<u8> = (0..=255u8).rev().collect();
+    let mut tx = db.pool.begin().await.unwrap();
+    let e1 = enqueue(
+        &mut tx,
+        &Message::bytes("order.paid", payload.clone())
+            .key("order-7")
+            .header("trace-id", "abc")
+            .header("x-n", "1"),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    // Through the SQL function, as a service in another language would.
+    let (id2, mid2): (i64, String) = sqlx::query_as(
+        "SELECT id, message_id FROM outbox.enqueue('order.shipped', '{\"a\":1}', 'order-7', '{\"h\":\"v\"}', 'my-id-1')",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(id2 > e1.id);
+    assert_eq!(mid2, "my-id-1");
+
+    let relay = RelayProcess::start(&nats_config(&db.url, &nats_url(), &stream, &prefix, ""));
+    let got = consumer.collect(2, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 2, "relay stderr:\n{}", relay.stderr());
+    let by_id: BTreeMap<_, _> = got.iter().map(|r| (r.msg_id.clone(), r)).collect();
+
+    let m1 = by_id[&e1.message_id];
+    assert_eq!(m1.subject, format!("{prefix}.order.paid"));
+    assert_eq!(m1.payload, payload);
+    assert_eq!(m1.headers["trace-id"], "abc");
+    assert_eq!(m1.headers["x-n"], "1");
+    assert_eq!(m1.headers["outbox-key"], "order-7");
+    assert_eq!(m1.headers["outbox-message-id"], e1.message_id);
+    assert_eq!(m1.headers["outbox-topic"], "order.paid");
+
+    let m2 = by_id["my-id-1"];
+    assert_eq!(m2.subject, format!("{prefix}.order.shipped"));
+    assert_eq!(m2.payload, br#"{"a":1}"#);
+    assert_eq!(m2.headers["h"], "v");
+
+    wait_until(Duration::from_secs(10), "outbox drained", || async {
+        db.waiting().await == 0
+    })
+    .await;
+    consumer.delete_stream().await;
+}
+
+/// guarantees.md: a rolled-back transaction leaves no outbox row and nothing is published; a
+/// committed one is published. The negative check is not a timing guess: the committed
+/// message was enqueued after the rolled-back ones (higher id, and the relay claims in id
+/// order), it arrived, the table is empty and the stream holds exactly one message, so the
+/// relay had already looked past the rolled-back rows when it published the committed one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_publishes_nothing_commit_publishes() {
+    let db = TestDb::new().await;
+    let (stream, prefix) = (unique("S"), unique("t"));
+    let mut consumer = NatsConsumer::new(&nats_url(), &stream, &[format!("{prefix}.>")]).await;
+    sqlx::query("CREATE TABLE users (id bigserial PRIMARY KEY, email text NOT NULL)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let relay = RelayProcess::start(&nats_config(&db.url, &nats_url(), &stream, &prefix, ""));
+
+    // Rolled back: a business row plus outbox rows through the client crate and the SQL function.
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO users (email) VALUES ('rolled@back')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let rolled = enqueue(
+        &mut tx,
+        &Message::bytes("user.created", b"rolled".to_vec()).message_id("rb-client"),
+    )
+    .await
+    .unwrap();
+    let (rolled_sql,): (i64,) = sqlx::query_as(
+        "SELECT id FROM outbox.enqueue('user.created', 'rolled', NULL, '{}', 'rb-sql')",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+
+    // Committed afterwards, same shape.
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO users (email) VALUES ('ada@example.com')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let committed = enqueue(
+        &mut tx,
+        &Message::bytes("user.created", b"committed".to_vec()).message_id("c-client"),
+    )
+    .await
+    .unwrap();
+    let (committed_sql,): (i64,) = sqlx::query_as(
+        "SELECT id FROM outbox.enqueue('user.created', 'committed too', NULL, '{}', 'c-sql')",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert!(committed.id > rolled.id && committed.id > rolled_sql && committed_sql > committed.id);
+
+    let got = consumer.collect(2, Duration::from_secs(30)).await;
+    let ids: Vec<&str> = got.iter().map(|r| r.msg_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["c-client", "c-sql"],
+        "relay stderr:\n{}",
+        relay.stderr()
+    );
+    assert_eq!(got[0].payload, b"committed");
+    wait_until(Duration::from_secs(10), "outbox drained", || async {
+        db.waiting().await == 0
+    })
+    .await;
+    assert_eq!(
+        consumer.stored().await,
+        2,
+        "the stream holds the committed messages only"
+    );
+    assert!(consumer
+        .collect(1, Duration::from_millis(300))
+        .await
+        .is_empty());
+    let users: i64 = sqlx::query_scalar("SELECT count(*) FROM users")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(users, 1);
+    consumer.delete_stream().await;
+}
+
+/// guarantees.md: enqueueing an existing message id is a no-op that returns the existing row
+/// (client crate, `enqueue_many` with a duplicate inside the batch, and the SQL function), so
+/// application retries never double-publish; `enqueue_many` keeps the given order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_is_idempotent_and_enqueue_many_keeps_order() {
+    let db = TestDb::new().await;
+    let (stream, prefix) = (unique("S"), unique("t"));
+    let mut consumer = NatsConsumer::new(&nats_url(), &stream, &[format!("{prefix}.>")]).await;
+
+    // Client crate, one message twice: the second call writes nothing and returns the first row.
+    let first = enqueue(
+        &mut db.pool.acquire().await.unwrap(),
+        &Message::bytes("idem.a", b"one".to_vec()).message_id("dup-1"),
+    )
+    .await
+    .unwrap();
+    let again = enqueue(
+        &mut db.pool.acquire().await.unwrap(),
+        &Message::bytes("idem.a", b"two".to_vec()).message_id("dup-1"),
+    )
+    .await
+    .unwrap();
+    assert!(first.inserted);
+    assert_eq!(
+        again,
+        outbox_client::Enqueued {
+            id: first.id,
+            message_id: "dup-1".into(),
+            inserted: false
+        }
+    );
+
+    // SQL function, same contract.
+    let sql =
+        "SELECT id, message_id, inserted FROM outbox.enqueue('idem.b', 'x', NULL, '{}', 'dup-sql')";
+    let s1: (i64, String, bool) = sqlx::query_as(sql).fetch_one(&db.pool).await.unwrap();
+    let s2: (i64, String, bool) = sqlx::query_as(sql).fetch_one(&db.pool).await.unwrap();
+    assert!(s1.2);
+    assert_eq!(s2, (s1.0, "dup-sql".to_string(), false));
+
+    // enqueue_many: one statement, order kept, a duplicate inside the batch and one of an
+    // existing row.
+    let batch = vec![
+        Message::bytes("idem.c", b"m1".to_vec()).message_id("m-1"),
+        Message::bytes("idem.c", b"m2".to_vec()).message_id("m-2"),
+        Message::bytes("idem.c", b"m1 again".to_vec()).message_id("m-1"),
+        Message::bytes("idem.c", b"m3".to_vec()).message_id("m-3"),
+        Message::bytes("idem.c", b"dup-1 again".to_vec()).message_id("dup-1"),
+    ];
+    let out = outbox_client::enqueue_many(&mut db.pool.acquire().await.unwrap(), &batch)
+        .await
+        .unwrap();
+    let shape: Vec<(&str, bool)> = out
+        .iter()
+        .map(|e| (e.message_id.as_str(), e.inserted))
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            ("m-1", true),
+            ("m-2", true),
+            ("m-1", false),
+            ("m-3", true),
+            ("dup-1", false)
+        ]
+    );
+    assert!(
+        out[0].id < out[1].id && out[1].id < out[3].id,
+        "ids follow the given order: {out:?}"
+    );
+    assert_eq!(out[2].id, out[0].id);
+    assert_eq!(out[4].id, first.id);
+
+    let rows: Vec<(String, Vec<u8>)> =
+        sqlx::query_as("SELECT message_id, payload FROM outbox.messages ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let expected: Vec<(String, Vec<u8>)> = [
+        ("dup-1", "one"),
+        ("dup-sql", "x"),
+        ("m-1", "m1"),
+        ("m-2", "m2"),
+        ("m-3", "m3"),
+    ]
+    .iter()
+    .map(|(id, p)| (id.to_string(), p.as_bytes().to_vec()))
+    .collect();
+    assert_eq!(rows, expected);
+
+    // Each row is published once, in id order (one claimed batch, sent in order).
+    let relay = RelayProcess::start(&nats_config(
+        &db.url,
+        &nats_url(),
+        &stream,
+        &prefix,
+        "workers = 1",
+    ));
+    let got = consumer.collect(5, Duration::from_secs(30)).await;
+    let got: Vec<(String, Vec<u8>)> = got.into_iter().map(|r| (r.msg_id, r.payload)).collect();
+    assert_eq!(got, expected, "relay stderr:\n{}", relay.stderr());
+    wait_until(Duration::from_secs(10), "outbox drained", || async {
+        db.waiting().await == 0
+    })
+    .await;
+    assert_eq!(consumer.stored().await, 5);
+    consumer.delete_stream().await;
+}
+
+/// guarantees.md: with `stream.create = true`, a stream that disappears while the relay runs
+/// (deleted, or lost with a memory-storage server restart) is created again and delivery
+/// resumes; the messages are not burned through their attempts into the dead letters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_stream_is_recreated_and_delivery_resumes() {
+    let db = TestDb::new().await;
+    let (stream, prefix) = (unique("S"), unique("t"));
+    let js = async_nats::jetstream::new(async_nats::connect(nats_url()).await.unwrap());
+    enqueue(
+        &mut db.pool.acquire().await.unwrap(),
+        &Message::bytes("re.create", b"1".to_vec()).message_id("before"),
+    )
+    .await
+    .unwrap();
+    let relay = RelayProcess::start(&nats_config(&db.url, &nats_url(), &stream, &prefix, ""));
+    wait_until(Duration::from_secs(30), "first message relayed", || async {
+        db.waiting().await == 0
+    })
+    .await;
+    assert_eq!(
+        js.get_stream(&stream)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .messages,
+        1
+    );
+
+    js.delete_stream(&stream).await.unwrap();
+    enqueue(
+        &mut db.pool.acquire().await.unwrap(),
+        &Message::bytes("re.create", b"2".to_vec()).message_id("after"),
+    )
+    .await
+    .unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "second message relayed",
+        || async { db.waiting().await == 0 },
+    )
+    .await;
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox.dead_letters")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(dead, 0, "relay stderr:\n{}", relay.stderr());
+
+    // The stream exists again (created by the relay) and holds the second message only.
+    let mut consumer = NatsConsumer::new(&nats_url(), &stream, &[format!("{prefix}.>")]).await;
+    let got = consumer.collect(1, Duration::from_secs(10)).await;
+    assert_eq!(
+        got.iter().map(|r| r.msg_id.as_str()).collect::<Vec<_>>(),
+        ["after"]
+    );
+    assert_eq!(consumer.stored().await, 1);
+    consumer.delete_stream().await;
+}

@@ -1,0 +1,161 @@
+//! The relay's HTTP server: `/metrics` after real traffic, `/healthz`, and `/readyz` following
+//! the broker (a `nats-server` the test owns, stopped and started again).
+
+#[path = "support/http.rs"]
+mod http;
+mod support;
+
+use std::time::Duration;
+
+use chrono::Utc;
+use outbox_client::{enqueue_many, Message};
+use support::*;
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+/// guarantees.md: `/metrics` exposes the lag gauges, per-outcome and per-error counters, the
+/// delivery latency and batch size histograms; `/healthz` answers 200 while the process runs;
+/// `/readyz` answers 200 only while the database and the sink's broker are reachable (503
+/// with the reason while NATS is down, 200 again once it is back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_health_and_readiness_follow_traffic_and_broker() {
+    let db = TestDb::new().await;
+    let mut nats = NatsServer::start().await;
+    let (stream, prefix) = (unique("S"), unique("t"));
+    let mut consumer = NatsConsumer::new(&nats.url(), &stream, &[format!("{prefix}.>")]).await;
+
+    // 20 rows to deliver, 5 delayed by an hour (they stay pending: the lag gauges), 1 whose
+    // topic no route matches (a publish error, dead-lettered).
+    let mut batch: Vec<Message> = (0..20).map(|i| Message::bytes("ok.now", vec![i])).collect();
+    let later = Utc::now() + chrono::Duration::hours(1);
+    batch.extend((0..5).map(|i| Message::bytes("ok.later", vec![i]).available_at(later)));
+    batch.push(Message::bytes("nope.unrouted", b"x".to_vec()));
+    enqueue_many(&mut db.pool.acquire().await.unwrap(), &batch)
+        .await
+        .unwrap();
+
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let config = format!(
+        r#"
+[database]
+url = "{db}"
+[relay]
+lag_interval_secs = 1
+maintenance_interval_secs = 1
+[http]
+listen = "{addr}"
+[sinks.nats]
+kind = "nats"
+url = "{nats}"
+stream = {{ name = "{stream}", subjects = ["{prefix}.>"], create = true, storage = "memory" }}
+routes = [{{ topics = ["ok.*"], subject = "{prefix}.{{topic}}" }}]
+"#,
+        db = db.url,
+        nats = nats.url()
+    );
+    let relay = RelayProcess::start(&config);
+    http::wait_healthy(&addr, Duration::from_secs(30)).await;
+    assert_eq!(
+        consumer.collect(20, Duration::from_secs(30)).await.len(),
+        20,
+        "stderr:\n{}",
+        relay.stderr()
+    );
+
+    // (sample name, labels it must carry, expected value)
+    let wanted: Vec<(&str, Labels, f64)> = vec![
+        ("outbox_pending_messages", vec![("topic", "ok.later")], 5.0),
+        (
+            "outbox_published_total",
+            vec![
+                ("topic", "ok.now"),
+                ("sink", "nats"),
+                ("outcome", "delivered"),
+            ],
+            20.0,
+        ),
+        (
+            "outbox_published_total",
+            vec![("topic", "nope.unrouted"), ("outcome", "dead")],
+            1.0,
+        ),
+        (
+            "outbox_publish_errors_total",
+            vec![("topic", "nope.unrouted"), ("error_type", "no_route")],
+            1.0,
+        ),
+        (
+            "outbox_delivery_latency_seconds_count",
+            vec![("sink", "nats")],
+            20.0,
+        ),
+        ("outbox_dead_letters", vec![("topic", "nope.unrouted")], 1.0),
+    ];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        let body = http::scrape(&addr).await;
+        let missing: Vec<_> = wanted
+            .iter()
+            .filter(|(name, labels, v)| http::metric(&body, name, labels) != Some(*v))
+            .collect();
+        if missing.is_empty() {
+            break body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metrics never showed {missing:?}:\n{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let age = http::metric(
+        &body,
+        "outbox_oldest_pending_age_seconds",
+        &[("topic", "ok.later")],
+    )
+    .expect("age gauge");
+    assert!(age >= 0.0);
+    assert!(http::metric(&body, "outbox_batch_size_count", &[]).unwrap() >= 1.0);
+    assert!(
+        http::metric(&body, "outbox_batch_size_sum", &[]).unwrap() >= 21.0,
+        "every claimed row is counted"
+    );
+    assert!(body.contains("# TYPE outbox_delivery_latency_seconds histogram"));
+    assert!(body.contains("# TYPE outbox_batch_size histogram"));
+
+    assert_eq!(http::get(&addr, "/healthz").await.map(|r| r.0), Some(200));
+    let (status, ready) = http::get(&addr, "/readyz").await.unwrap();
+    assert_eq!(status, 200, "{ready}");
+    let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    assert_eq!(ready["ready"], true);
+
+    // The broker goes away while the relay is idle: not ready, with the reason; still alive.
+    nats.stop();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let last = loop {
+        let r = http::get(&addr, "/readyz").await;
+        if let Some((503, body)) = r {
+            break body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz still answers {r:?} with NATS down"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let body: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(body["database"], true);
+    assert_eq!(body["sinks"][0]["sink"], "nats");
+    assert_eq!(body["sinks"][0]["up"], false);
+    assert!(body["sinks"][0]["error"].is_string(), "{body}");
+    assert_eq!(http::get(&addr, "/healthz").await.map(|r| r.0), Some(200));
+
+    // Back again: ready again (the relay reconnects and re-creates its memory stream).
+    nats.restart().await;
+    wait_until(Duration::from_secs(30), "/readyz answers 200 again", || {
+        let addr = addr.clone();
+        async move { matches!(http::get(&addr, "/readyz").await, Some((200, _))) }
+    })
+    .await;
+    drop(relay);
+}

@@ -1,0 +1,454 @@
+//! RabbitMQ helpers for the AMQP end-to-end tests (included with `#[path]` by `e2e_amqp.rs`).
+//!
+//! - [`Topology`]: a per-test exchange and queues on a broker, through a lapin connection
+//!   independent of the relay; deleted by [`Topology::delete`].
+//! - [`AmqpConsumer`]: reads a queue and acks what it read, reporting every property the relay
+//!   set.
+//! - [`RabbitNode`]: a RabbitMQ node the test owns (own node name, AMQP and distribution ports,
+//!   data and log directories), for broker stop/start tests that must not disturb the shared
+//!   broker on 5672.
+//! - [`amqp_config`] and [`http_get`] for the relay's config file and its `/readyz`.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use crate::support::{free_port, unique, wait_until};
+
+pub async fn connect(url: &str) -> (Connection, Channel) {
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .expect("connect to RabbitMQ (AMQP_URL)");
+    let channel = conn.create_channel().await.expect("open a channel");
+    (conn, channel)
+}
+
+/// A test's own topic exchange (durable, as the relay declares it) and queues.
+pub struct Topology {
+    pub url: String,
+    pub exchange: String,
+    pub queues: Vec<String>,
+    conn: Connection,
+    channel: Channel,
+}
+
+impl Topology {
+    pub async fn new(url: &str, exchange: &str) -> Self {
+        let (conn, channel) = connect(url).await;
+        channel
+            .exchange_declare(
+                exchange.into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare the test exchange");
+        Self {
+            url: url.into(),
+            exchange: exchange.into(),
+            queues: Vec::new(),
+            conn,
+            channel,
+        }
+    }
+
+    /// Declares a durable queue bound to the exchange with `binding_key`.
+    pub async fn bind_queue(&mut self, queue: &str, binding_key: &str) {
+        self.channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare the test queue");
+        self.channel
+            .queue_bind(
+                queue.into(),
+                self.exchange.as_str().into(),
+                binding_key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind the test queue");
+        self.queues.push(queue.into());
+    }
+
+    /// Deletes `queue` with the topology (one declared on an earlier connection).
+    pub fn adopt_queue(&mut self, queue: &str) {
+        self.queues.push(queue.into());
+    }
+
+    /// Messages ready in `queue` (not delivered to a consumer).
+    pub async fn ready(&self, queue: &str) -> u32 {
+        self.channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("inspect the test queue")
+            .message_count()
+    }
+
+    /// Deletes the queues and the exchange.
+    pub async fn delete(self) {
+        for q in &self.queues {
+            let _ = self
+                .channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = self
+            .channel
+            .exchange_delete(
+                self.exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+        let _ = self.conn.close(200, "test done".into()).await;
+    }
+}
+
+/// One message as the independent consumer saw it.
+#[derive(Debug, Clone)]
+pub struct AmqpReceived {
+    pub exchange: String,
+    pub routing_key: String,
+    pub message_id: Option<String>,
+    pub content_type: Option<String>,
+    pub delivery_mode: Option<u8>,
+    pub timestamp: Option<u64>,
+    pub headers: BTreeMap<String, String>,
+    pub payload: Vec<u8>,
+    pub redelivered: bool,
+}
+
+/// Consumes one queue on its own connection; acks every message it returns.
+pub struct AmqpConsumer {
+    conn: Connection,
+    consumer: lapin::Consumer,
+}
+
+impl AmqpConsumer {
+    pub async fn new(url: &str, queue: &str) -> Self {
+        let (conn, channel) = connect(url).await;
+        channel
+            .basic_qos(1000, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        let consumer = channel
+            .basic_consume(
+                queue.into(),
+                unique("c").as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume the test queue");
+        Self { conn, consumer }
+    }
+
+    /// Reads until `n` messages arrived or `timeout` passed; returns what arrived.
+    pub async fn collect(&mut self, n: usize, timeout: Duration) -> Vec<AmqpReceived> {
+        let mut out = Vec::with_capacity(n);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while out.len() < n {
+            match tokio::time::timeout_at(deadline, self.consumer.next()).await {
+                Ok(Some(Ok(d))) => {
+                    d.ack(BasicAckOptions::default()).await.expect("ack");
+                    let p = &d.properties;
+                    let mut headers = BTreeMap::new();
+                    if let Some(h) = p.headers() {
+                        for (k, v) in h {
+                            let text = match v {
+                                AMQPValue::LongString(s) => {
+                                    String::from_utf8_lossy(s.as_bytes()).into_owned()
+                                }
+                                AMQPValue::ShortString(s) => s.to_string(),
+                                other => format!("{other:?}"),
+                            };
+                            headers.insert(k.to_string(), text);
+                        }
+                    }
+                    out.push(AmqpReceived {
+                        exchange: d.exchange.to_string(),
+                        routing_key: d.routing_key.to_string(),
+                        message_id: p.message_id().as_ref().map(|s| s.to_string()),
+                        content_type: p.content_type().as_ref().map(|s| s.to_string()),
+                        delivery_mode: *p.delivery_mode(),
+                        timestamp: *p.timestamp(),
+                        headers,
+                        payload: d.data.clone(),
+                        redelivered: d.redelivered,
+                    });
+                }
+                Ok(Some(Err(e))) => panic!("consumer error: {e}"),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        out
+    }
+
+    pub async fn close(self) {
+        let _ = self.conn.close(200, "test done".into()).await;
+    }
+}
+
+/// A relay config file: every topic to `exchange` (declared by the relay, topic type, durable)
+/// with routing key `{topic}`; `sink_extra` goes into the sink's table, `relay_extra` into
+/// `[relay]`, `extra` at the end.
+pub fn amqp_config(
+    db_url: &str,
+    amqp_url: &str,
+    exchange: &str,
+    relay_extra: &str,
+    sink_extra: &str,
+    extra: &str,
+) -> String {
+    format!(
+        r#"
+[database]
+url = "{db_url}"
+
+[relay]
+{relay_extra}
+
+[http]
+listen = ""
+
+[sinks.rabbit]
+kind = "amqp"
+url = "{amqp_url}"
+exchanges = [{{ name = "{exchange}", type = "topic", durable = true }}]
+routes = [{{ topics = ["*"], exchange = "{exchange}", routing_key = "{{topic}}" }}]
+{sink_extra}
+{extra}
+"#
+    )
+}
+
+/// A plain HTTP/1.0 GET; returns the status code and the body.
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// A RabbitMQ node owned by the test: its own node name, AMQP port, distribution port, data
+/// and log directories, config file (listening on 127.0.0.1 only) and no plugins, so stopping
+/// it cannot disturb the shared broker. Stopped (SIGTERM, then SIGKILL) and deleted on drop.
+pub struct RabbitNode {
+    child: Option<Child>,
+    pub port: u16,
+    pub node: String,
+    pub dir: tempfile::TempDir,
+    dist_port: u16,
+}
+
+impl RabbitNode {
+    /// The server script, or `None` (with the reason) when RabbitMQ is not installed here.
+    pub fn server_bin() -> Result<String, String> {
+        let bin = std::env::var("RABBITMQ_SERVER_BIN")
+            .unwrap_or_else(|_| "/usr/lib/rabbitmq/bin/rabbitmq-server".into());
+        if std::path::Path::new(&bin).exists() {
+            Ok(bin)
+        } else {
+            Err(format!(
+                "{bin} not found (set RABBITMQ_SERVER_BIN to the rabbitmq-server script)"
+            ))
+        }
+    }
+
+    pub async fn start() -> Result<Self, String> {
+        Self::server_bin()?;
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let port = free_port();
+        let mut dist_port = free_port();
+        while dist_port == port {
+            dist_port = free_port();
+        }
+        let node = format!("{}@localhost", unique("rabbit_test"));
+        let d = dir.path();
+        std::fs::write(d.join("enabled_plugins"), "[].\n").map_err(|e| e.to_string())?;
+        std::fs::write(
+            d.join("rabbitmq.conf"),
+            format!("listeners.tcp.1 = 127.0.0.1:{port}\nloopback_users = none\n"),
+        )
+        .map_err(|e| e.to_string())?;
+        std::fs::write(d.join("rabbitmq-env.conf"), "").map_err(|e| e.to_string())?;
+        let mut s = Self {
+            child: None,
+            port,
+            node,
+            dir,
+            dist_port,
+        };
+        s.restart().await?;
+        Ok(s)
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Stops the node gracefully (SIGTERM to the server script, which stops the Erlang VM) and
+    /// waits for it to exit.
+    pub async fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                kill_group(&mut child);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let url = self.url();
+        wait_until(
+            Duration::from_secs(30),
+            "owned RabbitMQ node refuses connections",
+            || {
+                let url = url.clone();
+                async move {
+                    Connection::connect(&url, ConnectionProperties::default())
+                        .await
+                        .is_err()
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Starts the node (again) with the same name, ports and data; waits until it accepts AMQP
+    /// connections (a first boot takes about half a minute on a busy 2-core machine).
+    pub async fn restart(&mut self) -> Result<(), String> {
+        self.stop().await;
+        let d = self.dir.path();
+        let bin = Self::server_bin()?;
+        let mut cmd = Command::new(bin);
+        cmd.current_dir(d)
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", d.join("log"))
+            .env("RABBITMQ_LOGS", d.join("log").join("node.log"))
+            .env("RABBITMQ_CONFIG_FILE", d.join("rabbitmq.conf"))
+            .env("RABBITMQ_CONF_ENV_FILE", d.join("rabbitmq-env.conf"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("enabled_plugins"))
+            .env("RABBITMQ_PLUGINS_EXPAND_DIR", d.join("plugins-expand"))
+            .env("RABBITMQ_PID_FILE", d.join("node.pid"))
+            .env(
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
+                "-kernel inet_dist_use_interface {127,0,0,1}",
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("stderr.log")).map_err(|e| e.to_string())?);
+        {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+        }
+        self.child = Some(
+            cmd.spawn()
+                .map_err(|e| format!("cannot start rabbitmq-server: {e}"))?,
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+        let url = self.url();
+        loop {
+            if let Ok(conn) = Connection::connect(&url, ConnectionProperties::default()).await {
+                let _ = conn.close(200, "ready".into()).await;
+                return Ok(());
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                return Err(format!(
+                    "rabbitmq-server exited with {status} while starting; log: {}",
+                    self.log_tail()
+                ));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "the owned RabbitMQ node did not start in 180s; log: {}",
+                    self.log_tail()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("log").join("node.log"))
+            .unwrap_or_default();
+        let err = std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        format!(
+            "{}\n{err}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    }
+}
+
+fn kill_group(child: &mut Child) {
+    unsafe {
+        libc::killpg(child.id() as i32, libc::SIGKILL);
+    }
+    let _ = child.wait();
+}
+
+impl Drop for RabbitNode {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            kill_group(&mut child);
+        }
+    }
+}
