@@ -261,6 +261,48 @@ async fn enqueue_is_idempotent_and_enqueue_many_keeps_order() {
     consumer.delete_stream().await;
 }
 
+/// Client crate: a batch whose ids are all generated takes the statement without idempotency
+/// checks; it still writes every row, in the given order, and a batch mixing generated and
+/// application ids still treats an existing application id as a no-op.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_many_with_generated_ids_keeps_order_and_mixed_batches_stay_idempotent() {
+    let db = TestDb::new().await;
+    let fresh: Vec<Message> = (0..50u8)
+        .map(|i| Message::bytes("gen.a", vec![i]).key(format!("k{}", i % 3)))
+        .collect();
+    let out = outbox_client::enqueue_many(&mut db.pool.acquire().await.unwrap(), &fresh)
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 50);
+    assert!(out.iter().all(|e| e.inserted), "{out:?}");
+    assert!(out.windows(2).all(|w| w[0].id < w[1].id), "{out:?}");
+    let stored: Vec<(String, Vec<u8>)> =
+        sqlx::query_as("SELECT message_id, payload FROM outbox.messages ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let expected: Vec<(String, Vec<u8>)> = out
+        .iter()
+        .zip(0..50u8)
+        .map(|(e, i)| (e.message_id.clone(), vec![i]))
+        .collect();
+    assert_eq!(stored, expected);
+
+    let mixed = vec![
+        Message::bytes("gen.b", b"new".to_vec()),
+        Message::bytes("gen.b", b"again".to_vec()).message_id(out[7].message_id.clone()),
+        Message::bytes("gen.b", b"app".to_vec()).message_id("app-1"),
+    ];
+    let got = outbox_client::enqueue_many(&mut db.pool.acquire().await.unwrap(), &mixed)
+        .await
+        .unwrap();
+    let shape: Vec<bool> = got.iter().map(|e| e.inserted).collect();
+    assert_eq!(shape, [true, false, true]);
+    assert_eq!(got[1].id, out[7].id);
+    assert!(got[0].id > out[49].id && got[2].id > got[0].id);
+    assert_eq!(db.waiting().await, 52);
+}
+
 /// guarantees.md: with `stream.create = true`, a stream that disappears while the relay runs
 /// (deleted, or lost with a memory-storage server restart) is created again and delivery
 /// resumes; the messages are not burned through their attempts into the dead letters.

@@ -42,7 +42,8 @@
 //! - The message id is the idempotency key. It is a UUIDv7 unless you set one with
 //!   [`Message::message_id`]. Enqueueing a message id that is already waiting (or, when the
 //!   relay keeps sent rows, already sent) writes nothing and returns the existing row, so an
-//!   application retry never publishes twice.
+//!   application retry never publishes twice. A batch whose ids are all generated here skips
+//!   those checks (a fresh UUIDv7 cannot exist yet), so it costs what a plain INSERT costs.
 //! - [`enqueue_many`] writes any number of messages in one round trip, in order.
 //! - The payload is published byte for byte; headers are carried as broker headers.
 
@@ -197,6 +198,19 @@ ON CONFLICT (message_id) DO NOTHING
 RETURNING id, message_id
 "#;
 
+/// The same INSERT for a batch whose message ids were all generated here: a fresh UUIDv7 cannot
+/// exist already, so the idempotency checks (the `outbox.sent` lookup and the speculative
+/// insertion of `ON CONFLICT`, together about a fifth of the statement's cost) are skipped. Should
+/// one collide anyway, the unique constraint rejects it with an error: never a silent loss.
+const INSERT_FRESH_SQL: &str = r#"
+INSERT INTO outbox.messages (message_id, topic, key, payload, headers, available_at)
+SELECT i.message_id, i.topic, i.key, i.payload, i.headers, coalesce(i.available_at, now())
+  FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[], $5::jsonb[], $6::timestamptz[])
+       WITH ORDINALITY AS i(message_id, topic, key, payload, headers, available_at, ord)
+ ORDER BY i.ord
+RETURNING id, message_id
+"#;
+
 /// How many times a message id whose conflicting row vanished before the lookup is retried.
 const ENQUEUE_ROUNDS: usize = 4;
 
@@ -257,8 +271,13 @@ pub async fn enqueue_many(
     // the INSERT and the lookup (the relay sent and deleted it, or dead-lettered it); such ids
     // are inserted again, exactly as if the application had enqueued them a moment later.
     let mut pending: Vec<usize> = (0..ids.len()).collect();
+    let sql = if messages.iter().any(|m| m.message_id.is_some()) {
+        INSERT_SQL
+    } else {
+        INSERT_FRESH_SQL
+    };
     for round in 0..ENQUEUE_ROUNDS {
-        let inserted: Vec<(i64, String)> = sqlx::query_as(INSERT_SQL)
+        let inserted: Vec<(i64, String)> = sqlx::query_as(sql)
             .bind(pending.iter().map(|&i| ids[i]).collect::<Vec<_>>())
             .bind(pending.iter().map(|&i| topics[i]).collect::<Vec<_>>())
             .bind(pending.iter().map(|&i| keys[i]).collect::<Vec<_>>())
