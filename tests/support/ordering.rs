@@ -59,6 +59,32 @@ pub const POISON_TOPIC: &str = "ordered.poison";
 
 pub type Arrivals = Arc<Mutex<Vec<Arrival>>>;
 
+/// How many messages a consumer reads at most per call, and how long it waits for them.
+const BATCH: usize = 1000;
+const POLL: Duration = Duration::from_millis(50);
+
+/// A consumer's loop: `read` (one call: the consumer in, the consumer and what it read out)
+/// until `stop` is set, appending to `sink`; returns the consumer for its clean-up.
+async fn read_until_stopped<C, F, Fut>(
+    mut consumer: C,
+    sink: &Arrivals,
+    stop: &AtomicBool,
+    mut read: F,
+) -> C
+where
+    F: FnMut(C) -> Fut,
+    Fut: std::future::Future<Output = (C, Vec<Arrival>)>,
+{
+    while !stop.load(Ordering::Acquire) {
+        let (c, got) = read(consumer).await;
+        consumer = c;
+        if !got.is_empty() {
+            sink.lock().unwrap().extend(got);
+        }
+    }
+    consumer
+}
+
 /// JetStream: the stream captures `<prefix>.*` and the route publishes to `<prefix>.<key>`, so
 /// the poisoned key (it contains a dot) lands on `<prefix>.poison.pill`, which no stream
 /// captures: JetStream answers "no responders" and the sink reports a retriable failure.
@@ -99,22 +125,19 @@ routes = [{{ topics = ["*"], subject = "{prefix}.{{key}}" }}]
         sink: Arrivals,
         stop: Arc<AtomicBool>,
     ) -> tokio::task::JoinHandle<()> {
-        let mut consumer =
+        let consumer =
             NatsConsumer::new(&self.url, &self.stream, &[format!("{}.*", self.prefix)]).await;
         tokio::spawn(async move {
-            while !stop.load(Ordering::Acquire) {
-                let got = consumer.collect(1000, Duration::from_millis(50)).await;
-                if !got.is_empty() {
-                    let mut s = sink.lock().unwrap();
-                    for r in got {
-                        s.push(Arrival {
-                            key: r.headers.get("outbox-key").cloned(),
-                            message_id: r.msg_id,
-                            payload: r.payload,
-                        });
-                    }
-                }
-            }
+            let consumer = read_until_stopped(consumer, &sink, &stop, |mut c| async move {
+                let got = c.collect(BATCH, POLL).await;
+                let got = got.into_iter().map(|r| Arrival {
+                    key: r.headers.get("outbox-key").cloned(),
+                    message_id: r.msg_id,
+                    payload: r.payload,
+                });
+                (c, got.collect())
+            })
+            .await;
             consumer.delete_stream().await;
         })
     }
@@ -176,21 +199,18 @@ routes = [{{ topics = ["*"], exchange = "{exchange}", routing_key = "{prefix}.{{
         topology
             .bind_queue(&self.queue, &format!("{}.*", self.prefix))
             .await;
-        let mut consumer = AmqpConsumer::new(&self.url, &self.queue).await;
+        let consumer = AmqpConsumer::new(&self.url, &self.queue).await;
         tokio::spawn(async move {
-            while !stop.load(Ordering::Acquire) {
-                let got = consumer.collect(1000, Duration::from_millis(50)).await;
-                if !got.is_empty() {
-                    let mut s = sink.lock().unwrap();
-                    for r in got {
-                        s.push(Arrival {
-                            key: r.headers.get("outbox-key").cloned(),
-                            message_id: r.message_id.unwrap_or_default(),
-                            payload: r.payload,
-                        });
-                    }
-                }
-            }
+            let consumer = read_until_stopped(consumer, &sink, &stop, |mut c| async move {
+                let got = c.collect(BATCH, POLL).await;
+                let got = got.into_iter().map(|r| Arrival {
+                    key: r.headers.get("outbox-key").cloned(),
+                    message_id: r.message_id.unwrap_or_default(),
+                    payload: r.payload,
+                });
+                (c, got.collect())
+            })
+            .await;
             consumer.close().await;
             topology.delete().await;
         })
@@ -270,20 +290,17 @@ routes = [
             &[(self.topic.as_str(), self.partitions)],
         );
         tokio::spawn(async move {
-            while !stop.load(Ordering::Acquire) {
-                let got = reader.collect(1000, Duration::from_millis(50)).await;
-                if !got.is_empty() {
-                    let mut s = sink.lock().unwrap();
-                    for m in got {
-                        s.push(Arrival {
-                            // The Kafka key (what partitions), not the header.
-                            key: m.key.as_deref().map(|k| String::from_utf8_lossy(k).into()),
-                            message_id: m.message_id(),
-                            payload: m.payload,
-                        });
-                    }
-                }
-            }
+            read_until_stopped(reader, &sink, &stop, |r| async move {
+                let got = r.collect(BATCH, POLL).await;
+                let got = got.into_iter().map(|m| Arrival {
+                    // The Kafka key (what partitions), not the header.
+                    key: m.key.as_deref().map(|k| String::from_utf8_lossy(k).into()),
+                    message_id: m.message_id(),
+                    payload: m.payload,
+                });
+                (r, got.collect())
+            })
+            .await;
             // In-memory broker: its topics go with it when the last target drops it.
             drop(self.broker);
         })
