@@ -369,10 +369,90 @@ fn row(n: i64) -> OutboxRow {
 }
 
 async fn publish_one(sink: &KafkaSink, n: i64) -> Outcome {
+    publish_via(sink, n, 0).await
+}
+
+async fn publish_via(sink: &KafkaSink, n: i64, route: usize) -> Outcome {
     let r = row(n);
-    let mut out = sink.publish(&[Envelope { row: &r, route: 0 }]).await;
+    let mut out = sink.publish(&[Envelope { row: &r, route }]).await;
     assert_eq!(out.len(), 1);
     out.remove(0)
+}
+
+fn failure(outcome: Outcome) -> (ErrorKind, &'static str, String) {
+    match outcome {
+        Outcome::Failed(e) => (e.kind, e.error_type, e.message),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
+/// A topic the broker does not have is refused at once (the sink asks for its metadata
+/// instead of letting librdkafka hold the message for `topic.metadata.propagation.max.ms`):
+/// retriable while it has been missing for less than that (it may have been created moments
+/// ago), permanent after; once created it is produced to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_sink_refuses_a_missing_topic_at_once_and_takes_it_once_created() {
+    let Some(broker) = TansuBroker::start(Storage::Memory).await else {
+        return;
+    };
+    let (late, gone) = (unique("late"), unique("gone"));
+    let grace = Duration::from_millis(2_000);
+    let config = KafkaConfig {
+        brokers: broker.brokers(),
+        routes: [&late, &gone]
+            .map(|t| KafkaRoute {
+                topics: vec!["*".into()],
+                topic: t.clone(),
+            })
+            .into(),
+        librdkafka: [(
+            "topic.metadata.propagation.max.ms".to_string(),
+            grace.as_millis().to_string(),
+        )]
+        .into(),
+        ..KafkaConfig::default()
+    };
+    config.validate().unwrap();
+    let sink = KafkaSink::new("tansu", config).unwrap();
+
+    // Created after the first refusal: retried, then delivered.
+    let started = std::time::Instant::now();
+    let (kind, error_type, message) = failure(publish_via(&sink, 1, 0).await);
+    assert!(
+        started.elapsed() < grace,
+        "refused after {:?}",
+        started.elapsed()
+    );
+    assert_eq!((kind, error_type), (ErrorKind::Retriable, "unknown_topic"));
+    assert!(message.contains(&late), "{message}");
+    broker.create_topic(&late, 1).await;
+    assert_eq!(publish_via(&sink, 1, 0).await, Outcome::Delivered);
+
+    // Never created: retriable, then permanent once missing for the grace period.
+    let first = std::time::Instant::now();
+    assert_eq!(
+        failure(publish_via(&sink, 2, 1).await).0,
+        ErrorKind::Retriable
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "a topic missing for the grace period is refused for good",
+        || async { failure(publish_via(&sink, 2, 1).await).0 == ErrorKind::Permanent },
+    )
+    .await;
+    assert!(
+        first.elapsed() >= grace,
+        "permanent after {:?}",
+        first.elapsed()
+    );
+    let (_, error_type, message) = failure(publish_via(&sink, 3, 1).await);
+    assert_eq!(error_type, "unknown_topic");
+    assert!(
+        message.contains(&gone) && message.contains("create the topic"),
+        "{message}"
+    );
+    // The other topic is not affected.
+    assert_eq!(publish_via(&sink, 4, 0).await, Outcome::Delivered);
 }
 
 /// Fault injection with librdkafka's mock cluster: broker-side rejections of one message are

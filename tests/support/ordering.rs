@@ -234,7 +234,9 @@ routes = [{{ topics = ["*"], exchange = "{exchange}", routing_key = "{prefix}.{{
 /// conditions (leader moves, replicas, the broker going away) concern a whole partition or
 /// broker, are retried inside librdkafka and surface as `unavailable`. So the poisoned key's
 /// messages ([`POISON_TOPIC`]) are routed to a Kafka topic that does not exist (tansu does not
-/// create topics on demand): the broker refuses each one as `unknown_topic`, permanently.
+/// create topics on demand): the broker reports it unknown and the sink refuses each message as
+/// `unknown_topic` without producing it (retriable during the sink's grace period, then
+/// permanent).
 pub struct KafkaTarget {
     pub broker: Arc<TansuBroker>,
     pub topic: String,
@@ -276,7 +278,9 @@ routes = [
     }
 
     fn poison_error(&self) -> &'static str {
-        "the Kafka topic does not exist"
+        // The permanent refusal (the sink's and librdkafka's wording alike), not the retriable
+        // one of the grace period.
+        "does not exist and the broker does not create it"
     }
 
     async fn start_consumer(
