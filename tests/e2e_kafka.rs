@@ -264,7 +264,7 @@ async fn kafka_broker_killed_and_restarted_loses_nothing() {
 }
 
 /// An oversized message and a message for a topic that does not exist are dead-lettered with a
-/// clear reason; the rows around them are delivered.
+/// clear reason; the rows of the same key around them are delivered, in enqueue order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_oversized_or_unknown_topic_row_fails_alone() {
     let Some(broker) = TansuBroker::start(Storage::Memory).await else {
@@ -302,16 +302,15 @@ async fn kafka_oversized_or_unknown_topic_row_fails_alone() {
     ));
     let reader = KafkaReader::new(&broker.brokers(), &[(&good, 2)]);
     let got = reader.collect(6, Duration::from_secs(60)).await;
-    let mut payloads: Vec<String> = got
+    let payloads: Vec<String> = got
         .iter()
         .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
         .collect();
-    // Which rows arrived, not in which order: ordering across a failing row of the same key is
-    // not what this test is about (see docs/sinks/kafka.md, Guarantees).
-    payloads.sort();
+    // In enqueue order: ordering is on (the default), and a dead-lettered row releases its key
+    // (docs/ordering.md, O1 and O3), so the rows after the two bad ones follow the rows before.
     assert_eq!(
         payloads,
-        ["after-0", "after-1", "after-2", "before-0", "before-1", "before-2"],
+        ["before-0", "before-1", "before-2", "after-0", "after-1", "after-2"],
         "relay stderr:\n{}",
         relay.stderr()
     );
@@ -370,10 +369,90 @@ fn row(n: i64) -> OutboxRow {
 }
 
 async fn publish_one(sink: &KafkaSink, n: i64) -> Outcome {
+    publish_via(sink, n, 0).await
+}
+
+async fn publish_via(sink: &KafkaSink, n: i64, route: usize) -> Outcome {
     let r = row(n);
-    let mut out = sink.publish(&[Envelope { row: &r, route: 0 }]).await;
+    let mut out = sink.publish(&[Envelope { row: &r, route }]).await;
     assert_eq!(out.len(), 1);
     out.remove(0)
+}
+
+fn failure(outcome: Outcome) -> (ErrorKind, &'static str, String) {
+    match outcome {
+        Outcome::Failed(e) => (e.kind, e.error_type, e.message),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
+/// A topic the broker does not have is refused at once (the sink asks for its metadata
+/// instead of letting librdkafka hold the message for `topic.metadata.propagation.max.ms`):
+/// retriable while it has been missing for less than that (it may have been created moments
+/// ago), permanent after; once created it is produced to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_sink_refuses_a_missing_topic_at_once_and_takes_it_once_created() {
+    let Some(broker) = TansuBroker::start(Storage::Memory).await else {
+        return;
+    };
+    let (late, gone) = (unique("late"), unique("gone"));
+    let grace = Duration::from_millis(2_000);
+    let config = KafkaConfig {
+        brokers: broker.brokers(),
+        routes: [&late, &gone]
+            .map(|t| KafkaRoute {
+                topics: vec!["*".into()],
+                topic: t.clone(),
+            })
+            .into(),
+        librdkafka: [(
+            "topic.metadata.propagation.max.ms".to_string(),
+            grace.as_millis().to_string(),
+        )]
+        .into(),
+        ..KafkaConfig::default()
+    };
+    config.validate().unwrap();
+    let sink = KafkaSink::new("tansu", config).unwrap();
+
+    // Created after the first refusal: retried, then delivered.
+    let started = std::time::Instant::now();
+    let (kind, error_type, message) = failure(publish_via(&sink, 1, 0).await);
+    assert!(
+        started.elapsed() < grace,
+        "refused after {:?}",
+        started.elapsed()
+    );
+    assert_eq!((kind, error_type), (ErrorKind::Retriable, "unknown_topic"));
+    assert!(message.contains(&late), "{message}");
+    broker.create_topic(&late, 1).await;
+    assert_eq!(publish_via(&sink, 1, 0).await, Outcome::Delivered);
+
+    // Never created: retriable, then permanent once missing for the grace period.
+    let first = std::time::Instant::now();
+    assert_eq!(
+        failure(publish_via(&sink, 2, 1).await).0,
+        ErrorKind::Retriable
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "a topic missing for the grace period is refused for good",
+        || async { failure(publish_via(&sink, 2, 1).await).0 == ErrorKind::Permanent },
+    )
+    .await;
+    assert!(
+        first.elapsed() >= grace,
+        "permanent after {:?}",
+        first.elapsed()
+    );
+    let (_, error_type, message) = failure(publish_via(&sink, 3, 1).await);
+    assert_eq!(error_type, "unknown_topic");
+    assert!(
+        message.contains(&gone) && message.contains("create the topic"),
+        "{message}"
+    );
+    // The other topic is not affected.
+    assert_eq!(publish_via(&sink, 4, 0).await, Outcome::Delivered);
 }
 
 /// Fault injection with librdkafka's mock cluster: broker-side rejections of one message are

@@ -3,6 +3,10 @@
 //! [`OrderedTarget`]: another broker plugs in with one implementation in
 //! tests/support/ordering.rs and one `#[tokio::test]` line per scenario.
 
+#[path = "support/amqp.rs"]
+mod amqp_support;
+#[path = "support/kafka.rs"]
+mod kafka_support;
 #[path = "support/ordering.rs"]
 mod ordering_support;
 mod support;
@@ -12,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kafka_support::{Storage, TansuBroker};
 use ordering_support::*;
 use outbox_client::{enqueue_many, Message};
 use rand::Rng;
@@ -29,7 +34,8 @@ async fn enqueue_all(pool: &sqlx::PgPool, keys: &[String], per_key: u32, per_tx:
     let mut all = Vec::with_capacity(keys.len() * per_key as usize);
     for seq in 0..per_key {
         for k in keys {
-            all.push(Message::bytes("ordered.event", payload(k, seq)).key(k.clone()));
+            let topic = if k == POISON_KEY { POISON_TOPIC } else { TOPIC };
+            all.push(Message::bytes(topic, payload(k, seq)).key(k.clone()));
         }
     }
     for chunk in all.chunks(per_tx) {
@@ -200,6 +206,8 @@ async fn poisoned_key_does_not_slow_the_others<T: OrderedTarget, F: Fn() -> T>(m
         );
         let target = make_target();
         let (sink_toml, broker) = (target.sink_toml(), target.name());
+        let (target_retriable, poison_error) =
+            (target.poison_is_retriable(), target.poison_error());
         let consumer = target
             .start_consumer(Arc::clone(&arrivals), Arc::clone(&stop))
             .await;
@@ -245,7 +253,55 @@ async fn poisoned_key_does_not_slow_the_others<T: OrderedTarget, F: Fn() -> T>(m
             "a poisoned message was published"
         );
 
-        if poisoned {
+        if poisoned && !target_retriable {
+            // A permanent refusal dead-letters each message, which releases the key (O3): the
+            // poisoned key drains into the dead letters, one message after the other, in order.
+            wait_until(
+                Duration::from_secs(60),
+                "every poisoned message dead-lettered",
+                || async {
+                    sqlx::query_scalar::<_, i64>(
+                        "SELECT count(*) FROM outbox.dead_letters WHERE key = $1",
+                    )
+                    .bind(POISON_KEY)
+                    .fetch_one(&db.pool)
+                    .await
+                    .unwrap()
+                        == PER_KEY as i64
+                },
+            )
+            .await;
+            let errors: Vec<String> =
+                sqlx::query_scalar("SELECT last_error FROM outbox.dead_letters WHERE key = $1")
+                    .bind(POISON_KEY)
+                    .fetch_all(&db.pool)
+                    .await
+                    .unwrap();
+            assert!(
+                errors.iter().all(|e| e.contains(poison_error)),
+                "refused for another reason than {poison_error:?}: {errors:?}"
+            );
+            // In the order of the transactions that dead-lettered them (their xids: each one
+            // claimed its row only after the previous one committed).
+            let order: Vec<String> = sqlx::query_scalar(
+                "SELECT convert_from(payload, 'UTF8') FROM outbox.dead_letters WHERE key = $1 ORDER BY xmin::text::bigint, id",
+            )
+            .bind(POISON_KEY)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+            let expected: Vec<String> = (0..PER_KEY)
+                .map(|seq| String::from_utf8(payload(POISON_KEY, seq)).unwrap())
+                .collect();
+            assert_eq!(
+                order, expected,
+                "the poisoned key's messages are tried (and dead-lettered) in enqueue order"
+            );
+            wait_until(Duration::from_secs(10), "outbox drained", || async {
+                db.waiting().await == 0
+            })
+            .await;
+        } else if poisoned {
             let config_path = relays[0].dir.path().join("relay.toml");
             let (ok, out, err) = cli(&config_path, &["keys", "list", "--json"]);
             assert!(ok, "keys list failed: {err}");
@@ -257,6 +313,8 @@ async fn poisoned_key_does_not_slow_the_others<T: OrderedTarget, F: Fn() -> T>(m
                 .unwrap_or_else(|| panic!("poisoned key not listed: {out}"));
             assert_eq!(p["behind"], PER_KEY as i64 - 1, "{out}");
             assert!(p["attempts"].as_i64().unwrap() >= 1);
+            let last_error = p["last_error"].as_str().unwrap_or_default();
+            assert!(last_error.contains(poison_error), "{out}");
             let (ok, status, err) = cli(&config_path, &["status"]);
             assert!(
                 ok && status.contains(POISON_KEY),
@@ -405,4 +463,43 @@ async fn nats_poisoned_key_does_not_slow_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_park_and_release() {
     park_and_release(NatsTarget::new(&nats_url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_ordered_under_failures_kills_and_joins() {
+    ordered_under_failures_kills_and_joins(AmqpTarget::new(&amqp_url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_poisoned_key_does_not_slow_the_others() {
+    poisoned_key_does_not_slow_the_others(|| AmqpTarget::new(&amqp_url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_park_and_release() {
+    park_and_release(AmqpTarget::new(&amqp_url())).await;
+}
+
+/// A tansu broker for one Kafka test, shared by its targets; `None` (the test returns) when
+/// tansu is not installed, see tests/support/kafka.rs.
+async fn tansu() -> Option<Arc<TansuBroker>> {
+    TansuBroker::start(Storage::Memory).await.map(Arc::new)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_ordered_under_failures_kills_and_joins() {
+    let Some(broker) = tansu().await else { return };
+    ordered_under_failures_kills_and_joins(KafkaTarget::new(&broker)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_poisoned_key_does_not_slow_the_others() {
+    let Some(broker) = tansu().await else { return };
+    poisoned_key_does_not_slow_the_others(|| KafkaTarget::new(&broker)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_park_and_release() {
+    let Some(broker) = tansu().await else { return };
+    park_and_release(KafkaTarget::new(&broker)).await;
 }

@@ -120,15 +120,6 @@ pub trait Sink: Send + Sync {
 
     /// Whether the broker is reachable and the destinations exist (readiness, breaker probes).
     async fn check(&self) -> Result<(), SinkError>;
-
-    // ordering (issue 6): see crate::ordering::rounds.
-    /// True when one `publish` call keeps the messages of a key in batch order at the broker,
-    /// broker-side retries included, and when a message fails, the later messages of its key
-    /// in that call are not stored either (Kafka's idempotent producer, per partition). The
-    /// relay then sends a key's messages in one round instead of one round per message.
-    fn preserves_key_order(&self) -> bool {
-        false
-    }
 }
 
 /// A route pattern list, shared by every sink's route type.

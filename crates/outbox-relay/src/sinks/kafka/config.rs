@@ -1,4 +1,5 @@
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
@@ -14,6 +15,9 @@ const FIXED: &[(&str, &str)] = &[
     ("acks", "all"),
     ("request.required.acks", "all"),
 ];
+
+const PROPAGATION: &str = "topic.metadata.propagation.max.ms";
+const PROPAGATION_DEFAULT_MS: u64 = 5_000;
 
 /// librdkafka settings that have their own key in this section.
 const OWN_KEYS: &[(&str, &str)] = &[
@@ -163,6 +167,18 @@ impl KafkaConfig {
         Ok(())
     }
 
+    /// How long a topic the broker reports unknown is retried before its rows are
+    /// dead-lettered: librdkafka's `topic.metadata.propagation.max.ms` (5 s unless set in
+    /// `librdkafka`), the time a new topic may take to reach every broker.
+    pub(super) fn missing_topic_grace(&self) -> Duration {
+        let ms = self
+            .client_config()
+            .get(PROPAGATION)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(PROPAGATION_DEFAULT_MS);
+        Duration::from_millis(ms)
+    }
+
     /// The producer configuration: defaults, then the pass-through settings, then the settings
     /// the sink fixes.
     pub(super) fn client_config(&self) -> ClientConfig {
@@ -170,8 +186,10 @@ impl KafkaConfig {
         c.set("bootstrap.servers", &self.brokers)
             .set("message.timeout.ms", self.message_timeout_ms.to_string())
             // An unknown topic fails its messages after this long instead of waiting for the
-            // message timeout (which would report the whole sink unavailable).
-            .set("topic.metadata.propagation.max.ms", "5000")
+            // message timeout (which would report the whole sink unavailable). The sink asks
+            // for a topic's metadata before producing to it (topics.rs), so librdkafka waits
+            // this long only for a topic deleted since; the sink uses it as its grace period.
+            .set(PROPAGATION, PROPAGATION_DEFAULT_MS.to_string())
             // Fail fast on a broker that refuses connections, and reconnect quickly.
             .set("socket.connection.setup.timeout.ms", "5000")
             .set("reconnect.backoff.max.ms", "2000")
@@ -237,6 +255,10 @@ mod tests {
         assert_eq!(cc.get("compression.type"), Some("zstd"));
         assert_eq!(cc.get("enable.idempotence"), Some("true"));
         assert_eq!(cc.get("acks"), Some("all"));
+        assert_eq!(c.missing_topic_grace(), Duration::from_secs(5));
+        c.librdkafka
+            .insert("topic.metadata.propagation.max.ms".into(), "800".into());
+        assert_eq!(c.missing_topic_grace(), Duration::from_millis(800));
     }
 
     #[test]

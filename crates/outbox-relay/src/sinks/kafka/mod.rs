@@ -11,12 +11,15 @@
 //! Errors are sorted in `service.rs`: broker down, timeouts, leader changes and a full queue make
 //! the whole sink unavailable (rows released, no attempt counted); a message too large, an
 //! unknown topic, a topic the relay may not write to or an invalid record fail that row alone,
-//! permanently. Kafka does not report duplicates: a re-published row (after a crash or a
+//! permanently. Before producing to a topic it does not know yet, the sink asks the broker
+//! whether it exists (`topics.rs`), so a missing topic is refused at once instead of holding
+//! the batch for librdkafka's `topic.metadata.propagation.max.ms`. Kafka does not report duplicates: a re-published row (after a crash or a
 //! timeout) arrives again with the same `outbox-message-id` header, for consumers to drop.
 
 mod config;
 mod service;
 mod sink;
+mod topics;
 
 pub use config::{KafkaConfig, KafkaRoute, DEFAULT_BROKERS};
 pub use sink::KafkaSink;

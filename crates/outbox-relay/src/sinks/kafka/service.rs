@@ -10,8 +10,10 @@ use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext};
 
+use super::topics::Lookup;
 use crate::sinks::SinkError;
 
 /// Receives librdkafka's client-level events. `AllBrokersDown` makes the sink report itself
@@ -139,6 +141,42 @@ impl KafkaService {
         }
         self.brokers_down.store(false, Ordering::Release);
         Ok(brokers)
+    }
+
+    /// Asks a broker about one topic (on a blocking thread: librdkafka's call blocks). A
+    /// producer's request may make a broker with auto-create on create the topic (librdkafka's
+    /// `allow.auto.create.topics`, on for producers), as producing to it would. No answer
+    /// within `timeout` is the whole sink being unavailable, not this topic's fault.
+    pub async fn lookup_topic(&self, topic: &str, timeout: Duration) -> Result<Lookup, SinkError> {
+        let producer = self.producer();
+        let name = topic.to_string();
+        let answer = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&name), timeout)
+                .map(|m| {
+                    m.topics()
+                        .iter()
+                        .find(|t| t.name() == name)
+                        .map(|t| (t.error(), t.partitions().len()))
+                })
+        })
+        .await
+        .map_err(|e| SinkError::unavailable("internal", format!("metadata task failed: {e}")))?
+        .map_err(|e| {
+            SinkError::unavailable(
+                "unreachable",
+                format!("cannot fetch the metadata of Kafka topic {topic:?}: {e}"),
+            )
+        })?;
+        self.brokers_down.store(false, Ordering::Release);
+        Ok(match answer {
+            Some((None, partitions)) if partitions > 0 => Lookup::Exists,
+            Some((Some(RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART), _)) => {
+                Lookup::Missing
+            }
+            _ => Lookup::Undecided,
+        })
     }
 
     /// Produces every message in order (so one key's messages keep their order within their

@@ -1,19 +1,26 @@
 //! The sink contract for Kafka: envelopes in, one outcome per envelope out.
 
-use std::time::Duration;
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures::stream::{self, StreamExt, TryStreamExt};
 
 use super::config::{valid_topic_name, KafkaConfig};
 use super::service::{Delivery, KafkaService, Outgoing};
+use super::topics::Topics;
 use crate::sinks::{
     render_template, Envelope, Outcome, Sink, SinkError, IDEMPOTENCY_HEADER, KEY_HEADER,
     TOPIC_HEADER,
 };
 
+/// At most this many metadata requests at a time for the new topics of one batch.
+const LOOKUPS_IN_FLIGHT: usize = 8;
+
 pub struct KafkaSink {
     config: KafkaConfig,
     service: KafkaService,
+    topics: Topics,
 }
 
 impl KafkaSink {
@@ -25,7 +32,46 @@ impl KafkaSink {
             config.client_config(),
             Duration::from_millis(config.queue_full_timeout_ms),
         )?;
-        Ok(Self { config, service })
+        let topics = Topics::new(config.missing_topic_grace());
+        Ok(Self {
+            config,
+            service,
+            topics,
+        })
+    }
+
+    /// Asks the broker about the batch's topics the sink has not produced to yet (one request
+    /// per topic) and returns the error for the rows of each missing one. A broker that does
+    /// not answer makes the whole sink unavailable.
+    async fn refused_topics(
+        &self,
+        to_send: &[Outgoing],
+    ) -> Result<HashMap<String, SinkError>, SinkError> {
+        let new: BTreeSet<String> = to_send
+            .iter()
+            .filter(|m| !self.topics.is_known(&m.topic))
+            .map(|m| m.topic.clone())
+            .collect();
+        if new.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let timeout = Duration::from_millis(self.config.check_timeout_ms);
+        let answers: Vec<_> = stream::iter(new)
+            .map(|topic: String| async move {
+                let lookup = self.service.lookup_topic(&topic, timeout).await?;
+                Ok::<_, SinkError>((topic, lookup))
+            })
+            .buffer_unordered(LOOKUPS_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        let now = Instant::now();
+        Ok(answers
+            .into_iter()
+            .filter_map(|(topic, lookup)| {
+                let refused = self.topics.record(&topic, lookup, now)?;
+                Some((topic, refused))
+            })
+            .collect())
     }
 
     fn outgoing(&self, env: &Envelope<'_>) -> Result<Outgoing, SinkError> {
@@ -87,23 +133,39 @@ impl Sink for KafkaSink {
                 Err(e) => outcomes.push(Some(Outcome::Failed(e))),
             }
         }
-        for (slot, delivery) in slots
-            .into_iter()
-            .zip(self.service.produce_all(&to_send).await)
-        {
+        let refused = match self.refused_topics(&to_send).await {
+            Ok(refused) => refused,
+            Err(e) => {
+                for slot in slots {
+                    outcomes[slot] = Some(Outcome::Failed(e.clone()));
+                }
+                return finish(outcomes);
+            }
+        };
+        let (mut produce, mut produce_slots) = (Vec::with_capacity(to_send.len()), Vec::new());
+        for (slot, msg) in slots.into_iter().zip(to_send) {
+            match refused.get(&msg.topic) {
+                Some(e) => outcomes[slot] = Some(Outcome::Failed(e.clone())),
+                None => {
+                    produce_slots.push(slot);
+                    produce.push(msg);
+                }
+            }
+        }
+        let deliveries = self.service.produce_all(&produce).await;
+        for ((slot, msg), delivery) in produce_slots.into_iter().zip(&produce).zip(deliveries) {
             outcomes[slot] = Some(match delivery {
                 Delivery::Stored => Outcome::Delivered,
-                Delivery::Failed(e) => Outcome::Failed(e),
+                Delivery::Failed(e) => {
+                    if e.error_type == "unknown_topic" {
+                        // Deleted since the sink last asked: ask again before the next message.
+                        self.topics.forget(&msg.topic);
+                    }
+                    Outcome::Failed(e)
+                }
             });
         }
-        outcomes
-            .into_iter()
-            .map(|o| {
-                o.unwrap_or_else(|| {
-                    Outcome::Failed(SinkError::unavailable("internal", "no outcome recorded"))
-                })
-            })
-            .collect()
+        finish(outcomes)
     }
 
     async fn check(&self) -> Result<(), SinkError> {
@@ -112,4 +174,15 @@ impl Sink for KafkaSink {
             .await
             .map(|_| ())
     }
+}
+
+fn finish(outcomes: Vec<Option<Outcome>>) -> Vec<Outcome> {
+    outcomes
+        .into_iter()
+        .map(|o| {
+            o.unwrap_or_else(|| {
+                Outcome::Failed(SinkError::unavailable("internal", "no outcome recorded"))
+            })
+        })
+        .collect()
 }
