@@ -55,11 +55,13 @@ impl RelayLauncher {
         }
     }
 
-    /// The relay configuration for `database_url` with the given sinks, as TOML.
+    /// The relay configuration for `database_url` with the given sinks and `[ordering]
+    /// enabled = ordering`, as TOML.
     pub fn config_toml(
         &self,
         database_url: &str,
         sinks: &[(String, SinkConfig)],
+        ordering: bool,
     ) -> anyhow::Result<String> {
         let mut config = Config::default();
         config.database.url = database_url.to_string();
@@ -69,21 +71,26 @@ impl RelayLauncher {
         config.http.listen = String::new();
         config.log.level = "warn".into();
         config.sinks = sinks.iter().cloned().collect();
+        config.ordering.enabled = ordering;
         config
             .validate()
             .map_err(|e| anyhow::anyhow!("benchmark relay config: {e}"))?;
         Ok(toml::to_string(&config)?)
     }
 
-    /// Starts one relay process.
+    /// Starts one relay process (`ordering`: see [`RelayLauncher::config_toml`]).
     pub fn start(
         &self,
         name: &str,
         database_url: &str,
         sinks: &[(String, SinkConfig)],
+        ordering: bool,
     ) -> anyhow::Result<RelayProcess> {
         let config_path = self.log_dir.join(format!("{name}.toml"));
-        std::fs::write(&config_path, self.config_toml(database_url, sinks)?)?;
+        std::fs::write(
+            &config_path,
+            self.config_toml(database_url, sinks, ordering)?,
+        )?;
         let stderr_path = self.log_dir.join(format!("{name}.log"));
         let stderr = std::fs::File::create(&stderr_path)?;
         let mut cmd = match &self.binary {
