@@ -145,8 +145,8 @@ impl KafkaBroker {
             _ => "sqlite://tansu.db",
         };
         let log = std::fs::File::create(dir.path().join("tansu.log"))?;
-        let child = Command::new(&bin)
-            .current_dir(dir.path())
+        let mut cmd = Command::new(&bin);
+        cmd.current_dir(dir.path())
             .args(["broker", "--listener-url", &listener])
             .args(["--advertised-listener-url", &listener])
             .args(["--storage-engine", engine])
@@ -154,7 +154,9 @@ impl KafkaBroker {
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(log);
+        crate::relay_proc::die_with_bench(&mut cmd);
+        let child = cmd
             .spawn()
             .with_context(|| format!("cannot start {}", bin.display()))?;
         let mut owned = OwnedTansu { child, dir };
