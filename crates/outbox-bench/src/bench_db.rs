@@ -56,8 +56,15 @@ impl BenchDb {
 
     /// Inserts `n` messages on topic `topic` with `payload_bytes`-byte payloads (distinct
     /// contents, incompressible hex-derived bytes) in chunks, then VACUUM ANALYZE, so every
-    /// drain starts from the same table state.
-    pub async fn preload(&self, n: u64, payload_bytes: usize, topic: &str) -> anyhow::Result<()> {
+    /// drain starts from the same table state. With `keys` above 0, message `g` gets the key
+    /// `k<g mod keys>` (keys interleaved, each with about `n / keys` messages); otherwise none.
+    pub async fn preload(
+        &self,
+        n: u64,
+        payload_bytes: usize,
+        topic: &str,
+        keys: u64,
+    ) -> anyhow::Result<()> {
         const CHUNK: u64 = 20_000;
         // md5 gives 16 bytes per call; repeat enough of them and cut to size.
         let repeats = payload_bytes.div_ceil(16).max(1);
@@ -65,13 +72,16 @@ impl BenchDb {
         while done < n {
             let count = CHUNK.min(n - done);
             sqlx::query(&format!(
-                "INSERT INTO outbox.messages (topic, payload)
-                 SELECT $1, substring(decode(repeat(md5(g::text || $2::text), {repeats}), 'hex') FROM 1 FOR {payload_bytes})
+                "INSERT INTO outbox.messages (topic, key, payload)
+                 SELECT $1,
+                        CASE WHEN $4::bigint > 0 THEN 'k' || ((g + $2::bigint) % $4::bigint) END,
+                        substring(decode(repeat(md5(g::text || $2::text), {repeats}), 'hex') FROM 1 FOR {payload_bytes})
                    FROM generate_series(1, $3::bigint) g"
             ))
             .bind(topic)
             .bind(done as i64)
             .bind(count as i64)
+            .bind(keys as i64)
             .execute(&self.pool)
             .await?;
             done += count;

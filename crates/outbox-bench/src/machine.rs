@@ -1,6 +1,8 @@
 //! What the numbers were measured on: CPU, memory, service versions, load; and the per-process
 //! and machine-wide CPU counters read from /proc.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -9,13 +11,16 @@ pub struct Machine {
     pub cpu_model: String,
     pub mem_total_mib: u64,
     pub postgres: String,
+    /// The NATS server's version ("n/a" when NATS did not take part).
     pub nats: String,
+    /// Every broker that took part, by sink kind.
+    pub brokers: BTreeMap<String, String>,
     pub load_average_at_start: String,
     pub kernel: String,
 }
 
 impl Machine {
-    pub async fn describe(pool: &sqlx::PgPool, nats_version: String) -> Self {
+    pub async fn describe(pool: &sqlx::PgPool, brokers: BTreeMap<String, String>) -> Self {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let cpu_model = cpuinfo
             .lines()
@@ -42,7 +47,8 @@ impl Machine {
             cpu_model,
             mem_total_mib,
             postgres,
-            nats: nats_version,
+            nats: brokers.get("nats").cloned().unwrap_or_else(|| "n/a".into()),
+            brokers,
             load_average_at_start: std::fs::read_to_string("/proc/loadavg")
                 .unwrap_or_default()
                 .trim()

@@ -3,11 +3,13 @@
 //!
 //! Scenarios (`--scenarios`, all by default):
 //! 1. `ceiling`: the relay's claim + mark SQL looping with no broker (rows/s).
-//! 2. `drain`: a preloaded backlog through each available sink, real relay process, broker acks.
+//! 2. `drain`: a preloaded backlog through each available sink (NATS JetStream, RabbitMQ,
+//!    Kafka), real relay process, broker acks.
 //! 3. `latency`: open-loop producer at fixed rates; commit → consumer percentiles.
 //! 4. `enqueue`: client crate vs raw INSERT, 1 and 100 rows per transaction, wake-up states.
-//! 5. `scale`: 1, 2, 4 relay processes draining one backlog.
-//! 6. `steady`: a fraction (70 %) of the best drain rate for `--steady-secs`.
+//! 5. `scale`: 1, 2, 4 relay processes draining one keyed backlog, ordering on and off.
+//! 6. `steady`: a fraction (70 %) of the end-to-end maximum rate (closed-loop producer and relay
+//!    together) for `--steady-secs`.
 //!
 //! See docs/benchmarks.md for the method and the results on the reference machine.
 
@@ -27,6 +29,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::brokers::BrokerUrls;
 use crate::relay_proc::RelayLauncher;
+use crate::scenarios::throughput::DrainSpec;
 use crate::scenarios::Opts;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -57,10 +60,11 @@ pub struct Cli {
         default_value = "ceiling,drain,latency,enqueue,scale,steady"
     )]
     scenarios: Vec<Scenario>,
-    /// Small sizes and short durations: the whole run takes about two minutes.
+    /// Small sizes and short durations: the whole run takes a few minutes.
     #[arg(long)]
     quick: bool,
-    /// Sinks to drive (default: every sink whose broker answers): nats (amqp, kafka as they land).
+    /// Sinks to drive, comma-separated: nats, amqp, kafka [default: every sink whose broker
+    /// answers; Kafka needs `tansu` or --kafka-brokers].
     #[arg(long, value_delimiter = ',')]
     sinks: Vec<String>,
     /// Backlog size for ceiling, drain and scale [default: 200000; quick: 20000].
@@ -81,6 +85,10 @@ pub struct Cli {
     /// Relay process counts for the scale scenario.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     relays: Vec<usize>,
+    /// Distinct keys of the scale scenario's backlog, drained with ordering on (ordered) and
+    /// off (unordered).
+    #[arg(long, default_value_t = 1000)]
+    keys: u64,
     /// Offered rates (messages/s) for the latency scenario.
     #[arg(long, value_delimiter = ',', default_value = "500,1000,2000,10000")]
     rates: Vec<f64>,
@@ -102,12 +110,20 @@ pub struct Cli {
     /// Steady-state reporting window in seconds [default: 30; quick: 10].
     #[arg(long)]
     steady_window_secs: Option<f64>,
-    /// Steady-state rate in messages/s [default: --steady-fraction of the best drain rate].
+    /// Steady-state rate in messages/s [default: --steady-fraction of the end-to-end maximum
+    /// rate, measured first].
     #[arg(long)]
     steady_rate: Option<f64>,
-    /// Share of the best measured drain rate offered in the steady state.
+    /// Share of the end-to-end maximum rate offered in the steady state.
     #[arg(long, default_value_t = 0.7)]
     steady_fraction: f64,
+    /// Messages per transaction in the steady state and in the maximum-rate run before it.
+    #[arg(long, default_value_t = 10)]
+    steady_batch: usize,
+    /// Seconds of the end-to-end maximum-rate run (closed-loop producer while a relay
+    /// publishes; the first fifth is warm-up) [default: 30; quick: 10].
+    #[arg(long)]
+    max_rate_secs: Option<f64>,
     /// PostgreSQL server; each benchmark creates (and drops) its own database there.
     #[arg(
         long,
@@ -120,6 +136,23 @@ pub struct Cli {
     /// JetStream storage of the benchmark streams: file (as in production) or memory.
     #[arg(long, default_value = "file", value_parser = ["file", "memory"])]
     nats_storage: String,
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    amqp_url: String,
+    /// An existing Kafka cluster (host:port[,host:port…]) [default: the bench starts a `tansu`
+    /// broker of its own on a free port, from $TANSU_BIN, PATH or ~/.cargo/bin].
+    #[arg(long)]
+    kafka_brokers: Option<String>,
+    /// Storage of the bench's own tansu broker: memory, or sqlite (a file in a temporary
+    /// directory).
+    #[arg(long, default_value = "memory", value_parser = ["memory", "sqlite"])]
+    kafka_storage: String,
+    /// Partitions of each benchmark Kafka topic.
+    #[arg(long, default_value_t = 4)]
+    kafka_partitions: i32,
     /// The outbox-relay binary [default: next to this binary; else this binary runs the relay
     /// library in a child process].
     #[arg(long)]
@@ -182,6 +215,7 @@ fn resolve(cli: &Cli) -> anyhow::Result<Opts> {
         workers,
         repeat: cli.repeat.unwrap_or(if q { 1 } else { 3 }).max(1),
         relays: cli.relays.clone(),
+        keys: cli.keys,
         rates: cli.rates.clone(),
         latency_secs: pick(cli.latency_secs, 30.0, 5.0),
         producer_conns: cli.producer_conns.max(1),
@@ -191,6 +225,8 @@ fn resolve(cli: &Cli) -> anyhow::Result<Opts> {
         steady_window_secs: pick(cli.steady_window_secs, 30.0, 10.0),
         steady_rate: cli.steady_rate,
         steady_fraction: cli.steady_fraction,
+        steady_batch: cli.steady_batch.max(1),
+        max_rate_secs: pick(cli.max_rate_secs, 30.0, 10.0),
         launcher: RelayLauncher::new(cli.relay_bin.clone(), batch_size, workers, log_dir)?,
     };
     anyhow::ensure!(o.messages > 0, "--messages must be above 0");
@@ -210,13 +246,18 @@ fn resolve(cli: &Cli) -> anyhow::Result<Opts> {
         o.steady_secs > 0.0
             && o.steady_window_secs > 0.0
             && o.latency_secs > 0.0
-            && o.enqueue_secs > 0.0,
+            && o.enqueue_secs > 0.0
+            && o.max_rate_secs > 0.0,
         "durations must be above 0"
     );
     anyhow::ensure!(
         o.steady_fraction > 0.0 && o.steady_fraction <= 1.0,
         "--steady-fraction must be in (0, 1], got {}",
         o.steady_fraction
+    );
+    anyhow::ensure!(
+        cli.kafka_partitions > 0,
+        "--kafka-partitions must be above 0"
     );
     Ok(o)
 }
@@ -227,6 +268,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let urls = BrokerUrls {
         nats: cli.nats_url.clone(),
         nats_storage: cli.nats_storage.clone(),
+        amqp: cli.amqp_url.clone(),
+        kafka_brokers: cli.kafka_brokers.clone(),
+        kafka_storage: cli.kafka_storage.clone(),
+        kafka_partitions: cli.kafka_partitions,
     };
     let (brokers, skipped) = brokers::available(&urls, &cli.sinks).await;
     for s in &skipped {
@@ -238,12 +283,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             outbox_relay::redact_url(&o.database_url)
         )
     })?;
-    let nats_version = brokers
+    let versions = brokers
         .iter()
-        .find(|b| b.kind() == "nats")
-        .map(|b| b.version())
-        .unwrap_or_else(|| "n/a".into());
-    let machine = machine::Machine::describe(&admin, nats_version).await;
+        .map(|b| (b.kind().to_string(), b.version()))
+        .collect();
+    let machine = machine::Machine::describe(&admin, versions).await;
     admin.close().await;
 
     let mut r = report::Report::new(&cli, &o, machine, skipped);
@@ -264,7 +308,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut drains = Vec::new();
             if wants(Scenario::Drain) {
                 for b in &brokers {
-                    let mut d = scenarios::throughput::drain(&o, b.as_ref(), 1).await?;
+                    let mut d =
+                        scenarios::throughput::drain(&o, b.as_ref(), DrainSpec::plain()).await?;
                     d.pct_of_ceiling = stats::pct(d.msgs_per_sec, c.rows_per_sec);
                     eprintln!(
                         "  drain {} {:.0} msg/s ({:.0} % of ceiling), relay peak RSS {:.1} MiB",
@@ -307,38 +352,69 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 
     if wants(Scenario::Scale) {
-        if let Some(b) = brokers.first() {
-            for &k in &o.relays {
-                eprintln!("scale: {k} relay(s) through {}", b.kind());
-                let mut d = scenarios::throughput::drain(&o, b.as_ref(), k).await?;
-                d.pct_of_ceiling = ceiling
-                    .map(|c| stats::pct(d.msgs_per_sec, c))
-                    .unwrap_or(0.0);
-                eprintln!("  {:.0} msg/s", d.msgs_per_sec);
-                r.scale.push(d);
+        for b in &brokers {
+            for &relays in &o.relays {
+                for ordering in [false, true] {
+                    eprintln!(
+                        "scale: {relays} relay(s) through {}, {} keys, ordering {}",
+                        b.kind(),
+                        o.keys,
+                        if ordering { "on" } else { "off" }
+                    );
+                    let spec = DrainSpec {
+                        relays,
+                        keys: o.keys,
+                        ordering,
+                    };
+                    let mut d = scenarios::throughput::drain(&o, b.as_ref(), spec).await?;
+                    d.pct_of_ceiling = ceiling
+                        .map(|c| stats::pct(d.msgs_per_sec, c))
+                        .unwrap_or(0.0);
+                    eprintln!("  {:.0} msg/s", d.msgs_per_sec);
+                    r.scale.push(d);
+                }
             }
         }
     }
 
     if wants(Scenario::Steady) {
-        if let Some(b) = brokers.first() {
-            let best = r.best_drain_rate(b.kind());
-            let (rate, basis) = match (o.steady_rate, best) {
-                (Some(rate), _) => (rate, "--steady-rate".to_string()),
-                (None, Some(best)) => (
-                    o.steady_fraction * best,
-                    format!("{:.0} % of the best drain rate measured in this run ({best:.0} msg/s)", o.steady_fraction * 100.0),
-                ),
-                (None, None) => anyhow::bail!(
-                    "the steady scenario needs a rate: run it with drain or scale, or pass --steady-rate"
-                ),
+        for b in &brokers {
+            let (rate, basis) = match o.steady_rate {
+                Some(rate) => (rate, "--steady-rate".to_string()),
+                None => {
+                    eprintln!(
+                        "steady: end-to-end maximum rate through {} ({} s, closed loop, {} msg/tx)",
+                        b.kind(),
+                        o.max_rate_secs,
+                        o.steady_batch
+                    );
+                    let m = scenarios::latency::max_rate(&o, b.as_ref()).await?;
+                    eprintln!(
+                        "  delivered {:.0} msg/s, enqueued {:.0} msg/s, backlog {} -> {}",
+                        m.delivered_per_sec, m.enqueued_per_sec, m.backlog_start, m.backlog_end
+                    );
+                    let basis = format!(
+                        "{:.0} % of the end-to-end maximum rate measured before it ({:.0} msg/s)",
+                        o.steady_fraction * 100.0,
+                        m.delivered_per_sec
+                    );
+                    let rate = o.steady_fraction * m.delivered_per_sec;
+                    r.max_rate.push(m);
+                    (rate, basis)
+                }
             };
+            anyhow::ensure!(
+                rate > 0.0,
+                "the steady rate through {} came out as {rate:.0} msg/s; pass --steady-rate",
+                b.kind()
+            );
             eprintln!(
                 "steady: {rate:.0} msg/s through {} for {} s",
                 b.kind(),
                 o.steady_secs
             );
-            r.steady = Some(scenarios::latency::steady(&o, b.as_ref(), rate, basis).await?);
+            r.steady
+                .push(scenarios::latency::steady(&o, b.as_ref(), rate, basis).await?);
         }
     }
 

@@ -6,6 +6,9 @@
 //! so a consumer can find each message's intended send time from its id alone. Workers (one
 //! pooled connection each) take due slots from a shared queue and enqueue them with the client
 //! crate; the commit time of every slot is recorded as its lag behind the intended time.
+//!
+//! [`closed_loop`] is the opposite, for measuring the end-to-end maximum rate: every connection
+//! enqueues its next transaction as soon as the previous one committed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -29,10 +32,10 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    /// `rate` messages/s for `secs`, at most `max_tx_per_sec` transactions per second (more
-    /// messages per transaction above that), starting `lead` from now.
-    pub fn new(rate: f64, secs: f64, max_tx_per_sec: f64, lead: Duration) -> Self {
-        let per_slot = (rate / max_tx_per_sec).ceil().max(1.0) as usize;
+    /// `rate` messages/s for `secs`, `per_slot` messages per transaction, starting `lead` from
+    /// now.
+    pub fn new(rate: f64, secs: f64, per_slot: usize, lead: Duration) -> Self {
+        let per_slot = per_slot.max(1);
         let slots_per_sec = rate / per_slot as f64;
         Self {
             start: Instant::now() + lead,
@@ -134,6 +137,55 @@ pub async fn run(
         }
     }
     drop(tx);
+    futures::future::join_all(workers).await;
+}
+
+/// Enqueues `per_tx` messages per transaction on each of `conns` connections of `pool`, back
+/// to back, until `until`; adds every committed message to `committed`.
+pub async fn closed_loop(
+    pool: PgPool,
+    payload: Arc<Vec<u8>>,
+    conns: usize,
+    per_tx: usize,
+    until: Instant,
+    committed: Arc<AtomicU64>,
+) {
+    let workers: Vec<_> = (0..conns.max(1))
+        .map(|c| {
+            let (pool, payload, committed) =
+                (pool.clone(), Arc::clone(&payload), Arc::clone(&committed));
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                let mut errors = 0u64;
+                while Instant::now() < until {
+                    let messages: Vec<Message> = (0..per_tx.max(1))
+                        .map(|j| {
+                            Message::bytes(TOPIC, payload.as_slice())
+                                .message_id(format!("c{c}-{n}-{j}"))
+                        })
+                        .collect();
+                    n += 1;
+                    let result = match pool.acquire().await {
+                        Ok(mut conn) => enqueue_many(&mut conn, &messages)
+                            .await
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    match result {
+                        Ok(_) => {
+                            committed.fetch_add(messages.len() as u64, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            errors += 1;
+                            if errors == 1 {
+                                eprintln!("warning: enqueue failed (closed loop): {e}");
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
     futures::future::join_all(workers).await;
 }
 

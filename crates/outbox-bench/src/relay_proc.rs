@@ -55,11 +55,13 @@ impl RelayLauncher {
         }
     }
 
-    /// The relay configuration for `database_url` with the given sinks, as TOML.
+    /// The relay configuration for `database_url` with the given sinks and `[ordering]
+    /// enabled = ordering`, as TOML.
     pub fn config_toml(
         &self,
         database_url: &str,
         sinks: &[(String, SinkConfig)],
+        ordering: bool,
     ) -> anyhow::Result<String> {
         let mut config = Config::default();
         config.database.url = database_url.to_string();
@@ -69,21 +71,26 @@ impl RelayLauncher {
         config.http.listen = String::new();
         config.log.level = "warn".into();
         config.sinks = sinks.iter().cloned().collect();
+        config.ordering.enabled = ordering;
         config
             .validate()
             .map_err(|e| anyhow::anyhow!("benchmark relay config: {e}"))?;
         Ok(toml::to_string(&config)?)
     }
 
-    /// Starts one relay process.
+    /// Starts one relay process (`ordering`: see [`RelayLauncher::config_toml`]).
     pub fn start(
         &self,
         name: &str,
         database_url: &str,
         sinks: &[(String, SinkConfig)],
+        ordering: bool,
     ) -> anyhow::Result<RelayProcess> {
         let config_path = self.log_dir.join(format!("{name}.toml"));
-        std::fs::write(&config_path, self.config_toml(database_url, sinks)?)?;
+        std::fs::write(
+            &config_path,
+            self.config_toml(database_url, sinks, ordering)?,
+        )?;
         let stderr_path = self.log_dir.join(format!("{name}.log"));
         let stderr = std::fs::File::create(&stderr_path)?;
         let mut cmd = match &self.binary {
@@ -101,6 +108,7 @@ impl RelayLauncher {
         cmd.stdout(Stdio::null())
             .stderr(stderr)
             .env_remove("RUST_LOG");
+        die_with_bench(&mut cmd);
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start the relay ({})", self.describe()))?;
@@ -109,6 +117,22 @@ impl RelayLauncher {
             stderr_path,
             config_path,
         })
+    }
+}
+
+/// Makes a child the bench starts (relay, tansu) receive SIGKILL when the bench's main thread
+/// ends, so that a bench that crashes or is killed leaves no process behind. Children are
+/// started from the main thread (the runtime's `block_on` future), which lives until exit.
+pub fn die_with_bench(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl(2) is async-signal-safe and touches only the child being started.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::machine::Machine;
 use crate::scenarios::enqueue::{EnqueueCell, Method, Wake};
-use crate::scenarios::latency::{LatencyResult, SteadyResult};
+use crate::scenarios::latency::{LatencyResult, MaxRateResult, SteadyResult};
 use crate::scenarios::throughput::{CeilingResult, DrainResult};
 use crate::scenarios::Opts;
 use crate::stats::{median, pct};
@@ -24,9 +24,15 @@ pub struct Settings {
     pub latency_secs: f64,
     pub producer_conns: usize,
     pub enqueue_secs: f64,
+    pub keys: u64,
     pub steady_secs: f64,
     pub steady_window_secs: f64,
+    pub steady_fraction: f64,
+    pub steady_batch: usize,
+    pub max_rate_secs: f64,
     pub nats_storage: String,
+    pub kafka: String,
+    pub kafka_partitions: i32,
     pub relay: String,
 }
 
@@ -45,6 +51,17 @@ pub struct DrainSummary {
     pub median_pct_of_ceiling: f64,
     pub max_relay_peak_rss_mib: f64,
     pub runs: usize,
+}
+
+/// Ordered versus unordered throughput of the same keyed backlog, per sink and relay count.
+#[derive(Debug, Serialize)]
+pub struct ScaleRatio {
+    pub sink: String,
+    pub relays: usize,
+    pub unordered_msgs_per_sec: f64,
+    pub ordered_msgs_per_sec: f64,
+    /// Ordered as a percentage of unordered.
+    pub ordered_pct_of_unordered: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -68,7 +85,11 @@ pub struct Report {
     pub latency: Vec<LatencyResult>,
     pub enqueue: Vec<EnqueueCell>,
     pub scale: Vec<DrainResult>,
-    pub steady: Option<SteadyResult>,
+    pub scale_ratios: Vec<ScaleRatio>,
+    /// The end-to-end maximum rate per sink, measured before its steady state (not run when
+    /// `--steady-rate` is given).
+    pub max_rate: Vec<MaxRateResult>,
+    pub steady: Vec<SteadyResult>,
     pub targets: Vec<Target>,
 }
 
@@ -94,9 +115,18 @@ impl Report {
                 latency_secs: o.latency_secs,
                 producer_conns: o.producer_conns,
                 enqueue_secs: o.enqueue_secs,
+                keys: o.keys,
                 steady_secs: o.steady_secs,
                 steady_window_secs: o.steady_window_secs,
+                steady_fraction: o.steady_fraction,
+                steady_batch: o.steady_batch,
+                max_rate_secs: o.max_rate_secs,
                 nats_storage: cli.nats_storage.clone(),
+                kafka: match &cli.kafka_brokers {
+                    Some(b) => format!("existing cluster at {b}"),
+                    None => format!("own tansu broker, {} storage", cli.kafka_storage),
+                },
+                kafka_partitions: cli.kafka_partitions,
                 relay: o.launcher.describe(),
             },
             skipped_sinks: skipped,
@@ -106,7 +136,9 @@ impl Report {
             latency: Vec::new(),
             enqueue: Vec::new(),
             scale: Vec::new(),
-            steady: None,
+            scale_ratios: Vec::new(),
+            max_rate: Vec::new(),
+            steady: Vec::new(),
             targets: Vec::new(),
         }
     }
@@ -125,13 +157,6 @@ impl Report {
             .iter()
             .flat_map(|r| r.drains.iter())
             .filter(move |d| d.sink == sink)
-    }
-
-    pub fn best_drain_rate(&self, sink: &str) -> Option<f64> {
-        self.drains_of(sink)
-            .chain(self.scale.iter().filter(|d| d.sink == sink))
-            .map(|d| d.msgs_per_sec)
-            .reduce(f64::max)
     }
 
     fn enqueue_rate(&self, method: Method, wake: Wake, conns: usize) -> Option<f64> {
@@ -180,6 +205,53 @@ impl Report {
                     .map(|s| format!("{:.1} % (median of {})", s.median_pct_of_ceiling, s.runs))
                     .unwrap_or_else(|| "not run".into()),
                 met: s.map(|s| s.median_pct_of_ceiling >= need),
+            });
+        }
+        self.scale_ratios = self
+            .scale
+            .iter()
+            .filter(|u| !u.ordering)
+            .filter_map(|u| {
+                let o = self.scale.iter().find(|o| {
+                    o.ordering && o.sink == u.sink && o.relays == u.relays && o.keys == u.keys
+                })?;
+                Some(ScaleRatio {
+                    sink: u.sink.clone(),
+                    relays: u.relays,
+                    unordered_msgs_per_sec: u.msgs_per_sec,
+                    ordered_msgs_per_sec: o.msgs_per_sec,
+                    ordered_pct_of_unordered: pct(o.msgs_per_sec, u.msgs_per_sec),
+                })
+            })
+            .collect();
+        let scale_sinks: Vec<&str> = crate::brokers::KINDS
+            .iter()
+            .copied()
+            .filter(|k| self.scale_ratios.iter().any(|r| r.sink == *k))
+            .collect();
+        if scale_sinks.is_empty() {
+            targets.push(Target {
+                name: "ordered vs unordered throughput".into(),
+                target: ">= 60 %".into(),
+                measured: "not run".into(),
+                met: None,
+            });
+        }
+        for sink in scale_sinks {
+            let ratios: Vec<&ScaleRatio> = self
+                .scale_ratios
+                .iter()
+                .filter(|r| r.sink == sink)
+                .collect();
+            targets.push(Target {
+                name: format!("ordered vs unordered throughput ({sink})"),
+                target: ">= 60 % at every relay count".into(),
+                measured: ratios
+                    .iter()
+                    .map(|r| format!("{}r {:.1} %", r.relays, r.ordered_pct_of_unordered))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                met: Some(ratios.iter().all(|r| r.ordered_pct_of_unordered >= 60.0)),
             });
         }
         let l = self
@@ -254,10 +326,24 @@ impl Report {
     pub fn print(&self) {
         let m = &self.machine;
         println!();
+        let brokers = m
+            .brokers
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         println!(
-            "machine: {} x {}, {} MiB, PostgreSQL {}, NATS {}, load at start {}",
-            m.nproc, m.cpu_model, m.mem_total_mib, m.postgres, m.nats, m.load_average_at_start
+            "machine: {} x {}, {} MiB, PostgreSQL {}, brokers: {}, load at start {}",
+            m.nproc,
+            m.cpu_model,
+            m.mem_total_mib,
+            m.postgres,
+            if brokers.is_empty() { "none" } else { &brokers },
+            m.load_average_at_start
         );
+        for s in &self.skipped_sinks {
+            println!("skipped sink {s}");
+        }
         println!(
             "settings: {} messages x {} B, batch {}, {} workers, relay {}",
             self.settings.messages,
@@ -348,27 +434,64 @@ impl Report {
             }
         }
         if !self.scale.is_empty() {
-            println!("\n## Scale (relay processes draining one backlog)");
             println!(
-                "{:<7} {:<6} {:>10} {:>9} {:>14} {:>10}",
-                "relays", "sink", "msg/s", "% ceil", "max RSS MiB", "relay s"
+                "\n## Scale (relay processes draining one backlog of {} keys; ordering off / on)",
+                self.settings.keys
+            );
+            println!(
+                "{:<7} {:<6} {:<9} {:>10} {:>9} {:>14} {:>10}",
+                "relays", "sink", "ordering", "msg/s", "% ceil", "max RSS MiB", "relay s"
             );
             for d in &self.scale {
                 println!(
-                    "{:<7} {:<6} {:>10.0} {:>8.1}% {:>14.1} {:>10.1}",
+                    "{:<7} {:<6} {:<9} {:>10.0} {:>8.1}% {:>14.1} {:>10.1}",
                     d.relays,
                     d.sink,
+                    if d.ordering { "on" } else { "off" },
                     d.msgs_per_sec,
                     d.pct_of_ceiling,
                     d.relay_peak_rss_mib,
                     d.relay_cpu_seconds
                 );
             }
+            if !self.scale_ratios.is_empty() {
+                println!("ordered / unordered:");
+                for r in &self.scale_ratios {
+                    println!(
+                        "{:<7} {:<6} {:>8.1}%  ({:.0} / {:.0} msg/s)",
+                        r.relays,
+                        r.sink,
+                        r.ordered_pct_of_unordered,
+                        r.ordered_msgs_per_sec,
+                        r.unordered_msgs_per_sec
+                    );
+                }
+            }
         }
-        if let Some(s) = &self.steady {
+        if !self.max_rate.is_empty() {
             println!(
-                "\n## Steady state: {:.0} msg/s ({}), {} msg/tx, {} s",
-                s.target_rate, s.rate_basis, s.messages_per_tx, s.secs
+                "\n## End-to-end maximum rate (closed-loop producer + relay; basis of the steady rate)"
+            );
+            println!(
+                "{:<6} {:>8} {:>7} {:>12} {:>12} {:>18}",
+                "sink", "msg/tx", "conns", "enqueued/s", "delivered/s", "backlog start/end"
+            );
+            for m in &self.max_rate {
+                println!(
+                    "{:<6} {:>8} {:>7} {:>12.0} {:>12.0} {:>18}",
+                    m.sink,
+                    m.messages_per_tx,
+                    m.producer_conns,
+                    m.enqueued_per_sec,
+                    m.delivered_per_sec,
+                    format!("{} / {}", m.backlog_start, m.backlog_end)
+                );
+            }
+        }
+        for s in &self.steady {
+            println!(
+                "\n## Steady state, {}: {:.0} msg/s ({}), {} msg/tx, {} s",
+                s.sink, s.target_rate, s.rate_basis, s.messages_per_tx, s.secs
             );
             println!(
                 "{:>7} {:>10} {:>9} {:>9} {:>12} {:>12} {:>10}",

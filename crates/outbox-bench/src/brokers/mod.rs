@@ -5,9 +5,8 @@
 //! benchmark topic there, an independent consumer that reports when each message arrived, a
 //! count of what the broker holds, and cleanup.
 //!
-//! Adding RabbitMQ or Kafka is a file beside `nats.rs` implementing these two traits (its
-//! `sink_config` returns `SinkConfig::Amqp(..)` / `SinkConfig::Kafka(..)`), plus one line in
-//! [`available`]. Every scenario then covers it.
+//! One file per broker (`nats.rs`, `amqp.rs`, `kafka.rs`) implements these two traits and is
+//! registered in [`available`]; every scenario then covers it.
 
 use std::time::Instant;
 
@@ -15,6 +14,8 @@ use async_trait::async_trait;
 use outbox_relay::sinks::SinkConfig;
 use tokio::sync::mpsc;
 
+pub mod amqp;
+pub mod kafka;
 pub mod nats;
 
 /// The topic every benchmark message is enqueued on.
@@ -25,7 +26,16 @@ pub const TOPIC: &str = "bench.event";
 pub struct BrokerUrls {
     pub nats: String,
     pub nats_storage: String,
+    pub amqp: String,
+    /// An existing Kafka cluster; None starts a tansu broker of the bench's own.
+    pub kafka_brokers: Option<String>,
+    /// Storage of the bench's own tansu broker: `memory` or `sqlite`.
+    pub kafka_storage: String,
+    pub kafka_partitions: i32,
 }
+
+/// The sink kinds the bench knows, in report order.
+pub const KINDS: &[&str] = &["nats", "amqp", "kafka"];
 
 #[async_trait]
 pub trait Broker: Send + Sync {
@@ -64,11 +74,27 @@ pub async fn available(
             Err(e) => skipped.push(format!("nats: {e:#}")),
         }
     }
-    // RabbitMQ and Kafka: `if wants("amqp") { amqp::AmqpBroker::connect(..) }` once
-    // `SinkConfig::Amqp` / `SinkConfig::Kafka` exist in the relay.
+    if wants("amqp") {
+        match amqp::AmqpBroker::connect(&urls.amqp).await {
+            Ok(b) => brokers.push(Box::new(b)),
+            Err(e) => skipped.push(format!("amqp: {e:#}")),
+        }
+    }
+    if wants("kafka") {
+        let kafka = match &urls.kafka_brokers {
+            Some(b) => kafka::KafkaBroker::external(b, urls.kafka_partitions).await,
+            None => {
+                kafka::KafkaBroker::start_tansu(&urls.kafka_storage, urls.kafka_partitions).await
+            }
+        };
+        match kafka {
+            Ok(b) => brokers.push(Box::new(b)),
+            Err(e) => skipped.push(format!("kafka: {e:#}")),
+        }
+    }
     for w in wanted {
-        if !["nats"].contains(&w.as_str()) {
-            skipped.push(format!("{w}: this build of the relay has no {w} sink yet"));
+        if !KINDS.contains(&w.as_str()) {
+            skipped.push(format!("{w}: unknown sink (known: {})", KINDS.join(", ")));
         }
     }
     (brokers, skipped)

@@ -6,6 +6,9 @@
 //! an overloaded system cannot hide it: no coordinated omission) and from the moment COMMIT
 //! returned (the relay's own share: commit → broker ack → consumer). The producer's send lag
 //! (intended → committed) is reported beside them.
+//!
+//! [`max_rate`] measures what the steady state's rate is based on: a closed-loop producer and a
+//! relay running together, rate = messages taken out of the outbox per second.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -82,10 +85,12 @@ impl Rig {
         self.rx = rx;
         self.dest.consume(tx).await?;
         let sinks = vec![(broker.kind().to_string(), self.dest.sink_config())];
-        self.relay = Some(
-            o.launcher
-                .start(&format!("{run}-relay"), &self.db.url, &sinks)?,
-        );
+        self.relay = Some(o.launcher.start(
+            &format!("{run}-relay"),
+            &self.db.url,
+            &sinks,
+            outbox_relay::ordering::defaults::ENABLED,
+        )?);
         // One message end to end before the clock starts: relay connected, stream ready.
         outbox_client::enqueue(
             &mut *self.db.pool.acquire().await?,
@@ -121,6 +126,20 @@ impl Rig {
     }
 }
 
+/// `--producer-conns` connections to the rig's database, all open.
+async fn producer_pool(o: &Opts, db: &BenchDb) -> anyhow::Result<sqlx::PgPool> {
+    let pool = PgPoolOptions::new()
+        .max_connections(o.producer_conns as u32)
+        .min_connections(o.producer_conns as u32)
+        .connect(&db.url)
+        .await?;
+    // Open every producer connection before the clock starts.
+    let warm: Vec<_> =
+        futures::future::try_join_all((0..o.producer_conns).map(|_| pool.acquire())).await?;
+    drop(warm);
+    Ok(pool)
+}
+
 struct Produced {
     schedule: Arc<Schedule>,
     arrivals: Vec<producer::Arrival>,
@@ -132,21 +151,13 @@ async fn produce(
     rig: &mut Rig,
     rate: f64,
     secs: f64,
-    max_tx_per_sec: f64,
+    per_tx: usize,
 ) -> anyhow::Result<Produced> {
-    let pool = PgPoolOptions::new()
-        .max_connections(o.producer_conns as u32)
-        .min_connections(o.producer_conns as u32)
-        .connect(&rig.db.url)
-        .await?;
-    // Open every producer connection before the timeline starts.
-    let warm: Vec<_> =
-        futures::future::try_join_all((0..o.producer_conns).map(|_| pool.acquire())).await?;
-    drop(warm);
+    let pool = producer_pool(o, &rig.db).await?;
     let schedule = Arc::new(Schedule::new(
         rate,
         secs,
-        max_tx_per_sec,
+        per_tx,
         Duration::from_millis(300),
     ));
     let commits = producer::new_commits(&schedule);
@@ -194,7 +205,7 @@ fn summarize(p: &Produced) -> (Percentiles, Percentiles, Percentiles) {
 
 pub async fn latency(o: &Opts, broker: &dyn Broker, rate: f64) -> anyhow::Result<LatencyResult> {
     let mut rig = Rig::start(o, broker, &format!("latency_{}", broker.kind())).await?;
-    let produced = produce(o, &mut rig, rate, o.latency_secs, f64::INFINITY).await;
+    let produced = produce(o, &mut rig, rate, o.latency_secs, 1).await;
     let rss = rig.finish().await;
     let p = produced?;
     let (from_intended, from_commit, send_lag) = summarize(&p);
@@ -216,6 +227,79 @@ pub async fn latency(o: &Opts, broker: &dyn Broker, rate: f64) -> anyhow::Result
         from_commit,
         send_lag,
         relay_peak_rss_mib: rss,
+    })
+}
+
+/// The end-to-end maximum rate: a closed-loop producer and a relay sharing the machine.
+#[derive(Debug, Clone, Serialize)]
+pub struct MaxRateResult {
+    pub sink: String,
+    /// Length of the run; the first fifth is a warm-up, not measured.
+    pub secs: f64,
+    pub measured_secs: f64,
+    pub messages_per_tx: usize,
+    pub producer_conns: usize,
+    /// Messages committed per second by the producer in the measured part.
+    pub enqueued_per_sec: f64,
+    /// Messages the relay took out of the outbox per second in the measured part (committed
+    /// minus the backlog's growth): the end-to-end maximum rate.
+    pub delivered_per_sec: f64,
+    /// Waiting rows at the start and at the end of the measured part: a growing backlog means
+    /// the relay was the bottleneck, a flat one the producer.
+    pub backlog_start: i64,
+    pub backlog_end: i64,
+    pub relay_peak_rss_mib: f64,
+}
+
+/// Measures the end-to-end maximum rate through `broker`: `--producer-conns` connections
+/// enqueue `--steady-batch` messages per transaction as fast as they can for `--max-rate-secs`
+/// while a relay publishes. The steady state runs at a fraction of it.
+pub async fn max_rate(o: &Opts, broker: &dyn Broker) -> anyhow::Result<MaxRateResult> {
+    let rig = Rig::start(o, broker, &format!("maxrate_{}", broker.kind())).await?;
+    let measured = max_rate_inner(o, &rig).await;
+    let rss = rig.finish().await;
+    let mut r = measured?;
+    r.sink = broker.kind().to_string();
+    r.relay_peak_rss_mib = rss;
+    Ok(r)
+}
+
+async fn max_rate_inner(o: &Opts, rig: &Rig) -> anyhow::Result<MaxRateResult> {
+    let pool = producer_pool(o, &rig.db).await?;
+    let committed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let start = tokio::time::Instant::now();
+    let end = start + Duration::from_secs_f64(o.max_rate_secs);
+    let warm_end = start + Duration::from_secs_f64(o.max_rate_secs / 5.0);
+    let producing = tokio::spawn(producer::closed_loop(
+        pool.clone(),
+        Arc::new(o.payload()),
+        o.producer_conns,
+        o.steady_batch,
+        end.into_std(),
+        Arc::clone(&committed),
+    ));
+    let load = || committed.load(std::sync::atomic::Ordering::Relaxed);
+    // The clock decides when to sample: the measurement is a fixed window of a running system.
+    tokio::time::sleep_until(warm_end).await;
+    let (c0, b0, t0) = (load(), rig.db.waiting().await?, Instant::now());
+    tokio::time::sleep_until(end).await;
+    let (c1, b1, t1) = (load(), rig.db.waiting().await?, Instant::now());
+    producing.await?;
+    pool.close().await;
+    let measured_secs = t1.duration_since(t0).as_secs_f64().max(1e-6);
+    let enqueued = c1.saturating_sub(c0) as f64;
+    let delivered = (enqueued - (b1 - b0) as f64).max(0.0);
+    Ok(MaxRateResult {
+        sink: String::new(),
+        secs: o.max_rate_secs,
+        measured_secs,
+        messages_per_tx: o.steady_batch,
+        producer_conns: o.producer_conns,
+        enqueued_per_sec: enqueued / measured_secs,
+        delivered_per_sec: delivered / measured_secs,
+        backlog_start: b0,
+        backlog_end: b1,
+        relay_peak_rss_mib: 0.0,
     })
 }
 
@@ -308,7 +392,7 @@ pub async fn steady(
             samples
         })
     };
-    let produced = produce(o, &mut rig, rate, o.steady_secs, 1000.0).await;
+    let produced = produce(o, &mut rig, rate, o.steady_secs, o.steady_batch).await;
     stop.cancel();
     let samples = sampler.await.unwrap_or_default();
     // Statistics reach pg_stat_user_tables within about a second.

@@ -19,6 +19,8 @@ pub struct Opts {
     pub workers: u32,
     pub repeat: usize,
     pub relays: Vec<usize>,
+    /// Distinct keys of the scale scenario's backlogs.
+    pub keys: u64,
     pub rates: Vec<f64>,
     pub latency_secs: f64,
     pub producer_conns: usize,
@@ -28,6 +30,9 @@ pub struct Opts {
     pub steady_window_secs: f64,
     pub steady_rate: Option<f64>,
     pub steady_fraction: f64,
+    /// Messages per transaction of the steady state and of the maximum-rate run before it.
+    pub steady_batch: usize,
+    pub max_rate_secs: f64,
     pub launcher: RelayLauncher,
 }
 

@@ -3,7 +3,8 @@
 //! The ceiling runs the relay's own SQL (`outbox_relay::db::claim` and `db::mark_sent` in a
 //! BEGIN/COMMIT loop, same batch size and worker count as the relay, on a pool opened by
 //! `outbox_relay::db::connect`) with no broker at all. Drain and scale run real relay processes
-//! against a real broker with acknowledgements, from the same preloaded backlog.
+//! against a real broker with acknowledgements, from the same preloaded backlog ([`DrainSpec`]:
+//! unkeyed for drain; keyed, with ordering on and off, for scale).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -27,7 +28,7 @@ pub struct CeilingResult {
 
 pub async fn ceiling(o: &Opts) -> anyhow::Result<CeilingResult> {
     let db = BenchDb::create(&o.database_url, "ceiling").await?;
-    db.preload(o.messages, o.payload_bytes, TOPIC).await?;
+    db.preload(o.messages, o.payload_bytes, TOPIC, 0).await?;
     let pool = outbox_relay::db::connect(
         &db.url,
         o.workers + 2,
@@ -82,10 +83,35 @@ pub async fn ceiling(o: &Opts) -> anyhow::Result<CeilingResult> {
     })
 }
 
+/// One drain: how many relay processes, and what the backlog and the relays look like.
+#[derive(Debug, Clone, Copy)]
+pub struct DrainSpec {
+    pub relays: usize,
+    /// Distinct keys over the backlog; 0: no keys.
+    pub keys: u64,
+    /// The relays' `[ordering] enabled`.
+    pub ordering: bool,
+}
+
+impl DrainSpec {
+    /// The drain scenario: one relay as configured by default, a backlog without keys.
+    pub fn plain() -> Self {
+        Self {
+            relays: 1,
+            keys: 0,
+            ordering: outbox_relay::ordering::defaults::ENABLED,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct DrainResult {
     pub sink: String,
     pub relays: usize,
+    /// Distinct keys over the backlog (0: none).
+    pub keys: u64,
+    /// The relays' `[ordering] enabled`.
+    pub ordering: bool,
     pub messages: u64,
     /// Seconds from the first observed progress to an empty outbox.
     pub secs: f64,
@@ -103,13 +129,14 @@ pub struct DrainResult {
     pub broker_stored: u64,
 }
 
-/// Drains a preloaded backlog through `relays` relay processes publishing to `broker`.
-pub async fn drain(o: &Opts, broker: &dyn Broker, relays: usize) -> anyhow::Result<DrainResult> {
+/// Drains a preloaded backlog through relay processes publishing to `broker`.
+pub async fn drain(o: &Opts, broker: &dyn Broker, spec: DrainSpec) -> anyhow::Result<DrainResult> {
     let run = unique("d").replace('_', "");
     let db = BenchDb::create(&o.database_url, &format!("drain_{}", broker.kind())).await?;
-    db.preload(o.messages, o.payload_bytes, TOPIC).await?;
+    db.preload(o.messages, o.payload_bytes, TOPIC, spec.keys)
+        .await?;
     let dest = broker.prepare(&run).await?;
-    let result = drain_inner(o, broker, relays, &db, &*dest, &run).await;
+    let result = drain_inner(o, broker, spec, &db, &*dest, &run).await;
     dest.cleanup().await;
     db.drop_db().await;
     result
@@ -118,7 +145,7 @@ pub async fn drain(o: &Opts, broker: &dyn Broker, relays: usize) -> anyhow::Resu
 async fn drain_inner(
     o: &Opts,
     broker: &dyn Broker,
-    relays: usize,
+    spec: DrainSpec,
     db: &BenchDb,
     dest: &dyn crate::brokers::Destination,
     run: &str,
@@ -126,10 +153,10 @@ async fn drain_inner(
     let sinks = vec![(broker.kind().to_string(), dest.sink_config())];
     let spawned = Instant::now();
     let mut procs = Vec::new();
-    for i in 0..relays {
+    for i in 0..spec.relays {
         procs.push(
             o.launcher
-                .start(&format!("{run}-relay{i}"), &db.url, &sinks)?,
+                .start(&format!("{run}-relay{i}"), &db.url, &sinks, spec.ordering)?,
         );
     }
     let n = o.messages as i64;
@@ -170,7 +197,9 @@ async fn drain_inner(
     let stored = dest.stored().await?;
     Ok(DrainResult {
         sink: broker.kind().to_string(),
-        relays,
+        relays: spec.relays,
+        keys: spec.keys,
+        ordering: spec.ordering,
         messages: o.messages,
         secs,
         startup_secs: t_first.duration_since(spawned).as_secs_f64(),
