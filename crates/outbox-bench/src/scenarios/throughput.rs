@@ -1,8 +1,10 @@
 //! Database ceiling, drain and scale: how fast a backlog of `--messages` rows empties.
 //!
-//! The ceiling runs the relay's own SQL (`outbox_relay::db::claim` and `db::mark_sent` in a
-//! BEGIN/COMMIT loop, same batch size and worker count as the relay, on a pool opened by
-//! `outbox_relay::db::connect`) with no broker at all. Drain and scale run real relay processes
+//! The ceiling runs the relay's own SQL (the claim the drain's relay runs, and `db::mark_sent`, in
+//! a BEGIN/COMMIT loop, same batch size and worker count as the relay, on a pool opened by
+//! `outbox_relay::db::connect`) with no broker at all. With ordering on (the default) the relay
+//! runs the ordered claim (`outbox_relay::ordering::sql::claim`, every slot owned, as by a single
+//! relay) even for rows without a key, so the ceiling does too. Drain and scale run real relay processes
 //! against a real broker with acknowledgements, from the same preloaded backlog ([`DrainSpec`]:
 //! unkeyed for drain; keyed, with ordering on and off, for scale).
 
@@ -24,6 +26,8 @@ pub struct CeilingResult {
     pub secs: f64,
     pub rows_per_sec: f64,
     pub machine_cpu_busy_pct: f64,
+    /// "ordered" or "unordered": which of the relay's claims looped.
+    pub claim: &'static str,
 }
 
 pub async fn ceiling(o: &Opts) -> anyhow::Result<CeilingResult> {
@@ -40,16 +44,23 @@ pub async fn ceiling(o: &Opts) -> anyhow::Result<CeilingResult> {
     let warm: Vec<_> =
         futures::future::try_join_all((0..o.workers).map(|_| pool.acquire())).await?;
     drop(warm);
+    let ordered = outbox_relay::ordering::defaults::ENABLED;
+    let all_slots: Arc<Vec<i16>> = Arc::new((0..outbox_relay::ordering::SLOTS as i16).collect());
     let rows = Arc::new(AtomicU64::new(0));
     let cpu0 = machine::cpu_jiffies();
     let started = Instant::now();
     let workers: Vec<_> = (0..o.workers)
         .map(|_| {
             let (pool, rows, batch) = (pool.clone(), Arc::clone(&rows), o.batch_size as i64);
+            let slots = Arc::clone(&all_slots);
             tokio::spawn(async move {
                 loop {
                     let mut tx = pool.begin().await?;
-                    let claimed = outbox_relay::db::claim(&mut tx, batch, &[]).await?;
+                    let claimed = if ordered {
+                        outbox_relay::ordering::sql::claim(&mut tx, batch, &[], &slots).await?
+                    } else {
+                        outbox_relay::db::claim(&mut tx, batch, &[]).await?
+                    };
                     if claimed.is_empty() {
                         tx.commit().await?;
                         return Ok::<_, sqlx::Error>(());
@@ -80,6 +91,7 @@ pub async fn ceiling(o: &Opts) -> anyhow::Result<CeilingResult> {
         secs,
         rows_per_sec: rows as f64 / secs,
         machine_cpu_busy_pct: busy,
+        claim: if ordered { "ordered" } else { "unordered" },
     })
 }
 
