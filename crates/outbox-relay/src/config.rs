@@ -28,8 +28,11 @@ pub mod defaults {
     /// batch publishes within a few milliseconds. The claim+delete loop alone runs at about
     /// 24k rows/s at 100 and 86k rows/s at 1,000 on the 2-core reference machine.
     pub const BATCH_SIZE: u32 = 500;
-    /// Two claim transactions in flight: one publishes while the other claims and marks.
-    pub const WORKERS: u32 = 2;
+    /// Four claim transactions in flight, so that the broker's acknowledgement wait of some
+    /// overlaps the claims and marks of others. Measured on the 2-core reference machine
+    /// (docs/benchmarks.md): a Kafka drain went from 69k to 100k msg/s with 4 instead of 2,
+    /// the database ceiling did not drop, and 8 gained nothing more.
+    pub const WORKERS: u32 = 4;
     /// While the relay has seen work recently it polls this often instead of waiting for NOTIFY,
     /// so that busy enqueuers never pay for NOTIFY.
     pub const IDLE_POLL_MS: u64 = 2;
