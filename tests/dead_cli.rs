@@ -337,6 +337,40 @@ async fn dead_purge_needs_yes_without_a_terminal_and_deletes_only_matching_rows(
     assert!(stdout(&cli(&db, &["dead", "purge", "--yes"])).contains("nothing purged"));
 }
 
+/// A key parked by a dead letter (`ordering.on_dead = "park"`) is unparked when that dead letter
+/// is retried or purged, so no key stays parked with nothing left to act on; a parked key whose
+/// dead letter is untouched stays parked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_retry_and_purge_unpark_the_keys_their_dead_letters_parked() {
+    let db = TestDb::new().await;
+    for id in [41, 42, 43] {
+        insert_dead(&db, id, "parked", b"x", 5).await;
+        sqlx::query(
+            "INSERT INTO outbox.parked_keys (key, topic, dead_id, message_id, reason)
+             VALUES ('key-' || $1, 'parked', $1, 'mid-' || $1, 'broker said no')",
+        )
+        .bind(id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let parked = || async {
+        sqlx::query_scalar::<_, i64>("SELECT dead_id FROM outbox.parked_keys ORDER BY dead_id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap()
+    };
+    let j = json(&cli(
+        &db,
+        &["dead", "retry", "--id-from", "41", "--id-to", "41", "--json"],
+    ));
+    assert_eq!(j["retried"], 1);
+    assert_eq!(parked().await, vec![42, 43], "retrying 41 unparked its key only");
+    let out = cli(&db, &["dead", "purge", "--id-from", "42", "--id-to", "42", "--yes"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(parked().await, vec![43], "purging 42 unparked its key only");
+}
+
 /// On a terminal, purge asks and accepts the count (run under `script` for a pseudo-terminal).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_purge_on_a_terminal_asks_for_the_count() {

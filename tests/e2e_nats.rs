@@ -363,3 +363,56 @@ async fn deleted_stream_is_recreated_and_delivery_resumes() {
     assert_eq!(consumer.stored().await, 1);
     consumer.delete_stream().await;
 }
+
+/// guarantees.md ("Crash safety", the price of the transaction): an ordered batch publishes one
+/// message per key per round with no statement in between, so a hot key (thousands of rows in
+/// one batch) could outlast `claim_timeout_secs`, have its claim aborted and be republished for
+/// ever. The relay stops starting rounds in time instead: every batch commits (no "database
+/// unavailable", nothing published without being marked), and the key's 20,000 messages
+/// arrive once each, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_key_batch_stops_its_rounds_before_the_claim_timeout_aborts_it() {
+    let db = TestDb::new().await;
+    let (stream, prefix) = (unique("S"), unique("t"));
+    let mut consumer = NatsConsumer::new(&nats_url(), &stream, &[format!("{prefix}.>")]).await;
+    let n = 20_000usize;
+    let mut conn = db.pool.acquire().await.unwrap();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(2_000) {
+        let batch: Vec<Message> = chunk
+            .iter()
+            .map(|i| {
+                Message::bytes("hot.key", i.to_string().into_bytes())
+                    .message_id(format!("hot-{i}"))
+                    .key("the-hot-key")
+            })
+            .collect();
+        outbox_client::enqueue_many(&mut conn, &batch)
+            .await
+            .unwrap();
+    }
+    drop(conn);
+    let relay = RelayProcess::start(&nats_config(
+        &db.url,
+        &nats_url(),
+        &stream,
+        &prefix,
+        "batch_size = 10000\nworkers = 1\npublish_timeout_secs = 1\nclaim_timeout_secs = 2",
+    ));
+    wait_until(Duration::from_secs(120), "the hot key drained", || async {
+        db.waiting().await == 0
+    })
+    .await;
+    let stderr = relay.stderr();
+    assert!(
+        !stderr.contains("database unavailable"),
+        "a claim was aborted:\n{stderr}"
+    );
+    let got = consumer.collect(n, Duration::from_secs(30)).await;
+    let expected: Vec<String> = (0..n).map(|i| format!("hot-{i}")).collect();
+    assert_eq!(
+        got.iter().map(|r| r.msg_id.clone()).collect::<Vec<_>>(),
+        expected,
+        "every message once, in enqueue order"
+    );
+    consumer.delete_stream().await;
+}

@@ -159,3 +159,66 @@ routes = [{{ topics = ["ok.*"], subject = "{prefix}.{{topic}}" }}]
     .await;
     drop(relay);
 }
+
+/// guarantees.md ("Database restart"): a relay started while its database cannot be reached
+/// answers `/healthz` 200 (alive and retrying: a liveness probe must not restart it), `/readyz`
+/// 503 with the reason and `outbox_database_up 0`, instead of refusing connections; once the
+/// database exists it connects by itself and `/readyz` turns 200 on the same address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_is_served_while_the_database_is_unreachable_at_start() {
+    use sqlx::Connection as _;
+    let admin_url = database_url();
+    let name = unique("outbox_test");
+    let mut db_url = url::Url::parse(&admin_url).unwrap();
+    db_url.set_path(&format!("/{name}"));
+    let (stream, prefix) = (unique("S"), unique("t"));
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let config = http::with_http(
+        nats_config(db_url.as_str(), &nats_url(), &stream, &prefix, ""),
+        port,
+    );
+    let mut relay = RelayProcess::start(&config);
+    http::wait_healthy(&addr, Duration::from_secs(30)).await;
+    match http::get(&addr, "/readyz").await {
+        Some((503, body)) => assert!(body.contains("connecting to PostgreSQL"), "{body}"),
+        other => panic!("/readyz while the database is missing: {other:?}"),
+    }
+    let metrics = http::scrape(&addr).await;
+    assert_eq!(
+        http::metric(&metrics, "outbox_database_up", &[]),
+        Some(0.0),
+        "{metrics}"
+    );
+
+    // The database appears (created and migrated): the relay connects and becomes ready.
+    let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let pool = sqlx::PgPool::connect(db_url.as_str()).await.unwrap();
+    outbox_relay::db::migrate(&pool).await.unwrap();
+    pool.close().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut ready = None;
+    while tokio::time::Instant::now() < deadline {
+        ready = http::get(&addr, "/readyz").await;
+        if matches!(ready, Some((200, _))) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stderr = relay.stderr();
+    relay.sigkill();
+    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await;
+    let js = async_nats::jetstream::new(async_nats::connect(nats_url()).await.unwrap());
+    let _ = js.delete_stream(&stream).await;
+    assert!(
+        matches!(ready, Some((200, _))),
+        "/readyz once the database exists: {ready:?}\nrelay stderr:\n{stderr}"
+    );
+    assert!(stderr.contains("cannot reach PostgreSQL"), "{stderr}");
+}

@@ -1,7 +1,7 @@
 //! RabbitMQ helpers for the AMQP end-to-end tests (included with `#[path]` by `e2e_amqp.rs`).
 //!
 //! - [`Topology`]: a per-test exchange and queues on a broker, through a lapin connection
-//!   independent of the relay; deleted by [`Topology::delete`].
+//!   independent of the relay; deleted by [`Topology::delete`], or on drop when a test panicked.
 //! - [`AmqpConsumer`]: reads a queue and acks what it read, reporting every property the relay
 //!   set.
 //! - [`RabbitNode`]: a RabbitMQ node the test owns (own node name, AMQP and distribution ports,
@@ -40,6 +40,52 @@ pub struct Topology {
     pub queues: Vec<String>,
     conn: Connection,
     channel: Channel,
+    deleted: bool,
+}
+
+impl Drop for Topology {
+    /// A test that panicked before [`Topology::delete`] still removes its queues (with any
+    /// messages) and exchange from the shared broker: on a thread with a runtime and an AMQP
+    /// connection of its own, bounded in time.
+    fn drop(&mut self) {
+        if self.deleted {
+            return;
+        }
+        let (url, exchange, queues) = (self.url.clone(), self.exchange.clone(), self.queues.clone());
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    let Ok(conn) = Connection::connect(&url, ConnectionProperties::default()).await
+                    else {
+                        return;
+                    };
+                    if let Ok(channel) = conn.create_channel().await {
+                        delete_all(&channel, &exchange, &queues).await;
+                    }
+                    let _ = conn.close(200, "test cleanup".into()).await;
+                })
+                .await;
+            });
+        })
+        .join();
+    }
+}
+
+async fn delete_all(channel: &Channel, exchange: &str, queues: &[String]) {
+    for q in queues {
+        let _ = channel
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = channel
+        .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+        .await;
 }
 
 impl Topology {
@@ -63,6 +109,7 @@ impl Topology {
             queues: Vec::new(),
             conn,
             channel,
+            deleted: false,
         }
     }
 
@@ -114,21 +161,10 @@ impl Topology {
     }
 
     /// Deletes the queues and the exchange.
-    pub async fn delete(self) {
-        for q in &self.queues {
-            let _ = self
-                .channel
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        let _ = self
-            .channel
-            .exchange_delete(
-                self.exchange.as_str().into(),
-                ExchangeDeleteOptions::default(),
-            )
-            .await;
+    pub async fn delete(mut self) {
+        delete_all(&self.channel, &self.exchange, &self.queues).await;
         let _ = self.conn.close(200, "test done".into()).await;
+        self.deleted = true;
     }
 }
 

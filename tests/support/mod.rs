@@ -61,7 +61,15 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// A fresh database, migrated.
     pub async fn new() -> Self {
+        let db = Self::empty().await;
+        outbox_relay::db::migrate(&db.pool).await.unwrap();
+        db
+    }
+
+    /// A fresh database without the outbox schema (for `outbox-relay migrate` itself).
+    pub async fn empty() -> Self {
         let admin_url = database_url();
         let name = unique("outbox_test");
         let mut admin = PgConnection::connect(&admin_url)
@@ -78,7 +86,6 @@ impl TestDb {
             .connect(&url)
             .await
             .unwrap();
-        outbox_relay::db::migrate(&pool).await.unwrap();
         Self {
             name,
             url,
@@ -327,6 +334,7 @@ pub struct NatsConsumer {
     pub messages: async_nats::jetstream::consumer::pull::Stream,
     pub context: async_nats::jetstream::Context,
     pub stream: String,
+    url: String,
 }
 
 /// One message as the consumer saw it.
@@ -368,6 +376,7 @@ impl NatsConsumer {
             messages,
             context,
             stream: stream.into(),
+            url: nats_url.into(),
         }
     }
 
@@ -410,13 +419,29 @@ impl NatsConsumer {
 }
 
 impl Drop for NatsConsumer {
+    /// Deletes the stream, also when the test panicked: on a thread with a runtime and a NATS
+    /// connection of its own (the test's runtime may be shutting down), bounded in time.
     fn drop(&mut self) {
-        let (ctx, name) = (self.context.clone(), self.stream.clone());
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let _ = ctx.delete_stream(&name).await;
+        let (url, name) = (self.url.clone(), self.stream.clone());
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    if let Ok(client) = async_nats::connect(&url).await {
+                        let _ = async_nats::jetstream::new(client)
+                            .delete_stream(&name)
+                            .await;
+                    }
+                })
+                .await;
             });
-        }
+        })
+        .join();
     }
 }
 

@@ -103,7 +103,9 @@ pub fn main() -> ExitCode {
 async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
         Command::Migrate => {
-            let pool = connect_once(&config).await?;
+            // No statement or idle timeout: a migration may rewrite a large outbox table
+            // (0004 adds a stored column), which must not be cut off at claim_timeout_secs.
+            let pool = connect_with_timeout(&config, std::time::Duration::ZERO).await?;
             crate::db::migrate(&pool).await?;
             println!(
                 "migrations applied to {}",
@@ -155,11 +157,23 @@ fn parse_interval(raw: &str) -> Result<f64, String> {
 
 /// For one-shot commands: connect or fail with a clear message.
 async fn connect_once(config: &Config) -> anyhow::Result<sqlx::PgPool> {
+    connect_with_timeout(
+        config,
+        std::time::Duration::from_secs(config.relay.claim_timeout_secs),
+    )
+    .await
+}
+
+/// `statement_timeout`: the sessions' statement and idle-in-transaction timeout (zero: none).
+async fn connect_with_timeout(
+    config: &Config,
+    statement_timeout: std::time::Duration,
+) -> anyhow::Result<sqlx::PgPool> {
     crate::db::connect(
         &config.database.url,
         2,
         std::time::Duration::from_secs(config.database.connect_timeout_secs),
-        std::time::Duration::from_secs(config.relay.claim_timeout_secs),
+        statement_timeout,
     )
     .await
     .map_err(|e| {

@@ -155,6 +155,13 @@ impl RelayConfig {
     pub fn publish_timeout(&self) -> Duration {
         Duration::from_secs(self.publish_timeout_secs)
     }
+    /// How long after the ordered claim returned a later publish round may still start: a round
+    /// takes at most `publish_timeout_secs`, and the claim transaction is aborted after
+    /// `claim_timeout_secs` without a statement. A quarter of the gap is kept for the mark.
+    pub fn round_budget(&self) -> Duration {
+        let gap = self.claim_timeout_secs.saturating_sub(self.publish_timeout_secs);
+        Duration::from_millis(gap * 750)
+    }
     pub fn retention(&self) -> Option<Duration> {
         (self.retention_secs > 0).then(|| Duration::from_secs(self.retention_secs))
     }

@@ -32,6 +32,43 @@ pub async fn serve(
         .await
 }
 
+/// The HTTP server of a relay still connecting to PostgreSQL at start: `/healthz` answers (the
+/// process is alive and retrying, so a liveness probe must not restart it), `/readyz` says 503
+/// with the reason, `/metrics` shows `outbox_database_up 0`. It stops when `stop` fires, and the
+/// full server takes the address over.
+pub async fn serve_starting(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<crate::metrics::Metrics>,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(m): State<Arc<crate::metrics::Metrics>>| async move {
+                ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render())
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(|| async {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(serde_json::json!({
+                        "ready": false,
+                        "database": false,
+                        "sinks": [],
+                        "reason": "starting: connecting to PostgreSQL (see the relay's log)",
+                    })),
+                )
+            }),
+        )
+        .with_state(metrics);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
+}
+
 async fn metrics(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -33,11 +33,17 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::relay::Relay;
 
-/// A URL with its password replaced by `***`, for logs and errors.
+/// A URL with its password replaced by `***`, for logs and errors. A user name alone is a
+/// secret too where the scheme uses it as a token (`nats://TOKEN@host`), and is replaced then;
+/// elsewhere (`postgres://app@db`) it is kept, because operators need it to debug access.
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut u) if u.password().is_some() => {
             let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(mut u) if !u.username().is_empty() && u.scheme().starts_with("nats") => {
+            let _ = u.set_username("***");
             u.to_string()
         }
         Ok(u) => u.to_string(),
@@ -93,14 +99,46 @@ pub async fn check_schema(pool: &PgPool) -> anyhow::Result<()> {
 /// `relay.shutdown_timeout_secs`).
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let Some(pool) = connect_with_retry(&config, &shutdown).await else {
+    // While PostgreSQL is unreachable at start, probes get answers (alive, not ready) instead of
+    // "connection refused".
+    let starting = if config.http.listen.is_empty() {
+        None
+    } else {
+        let addr: std::net::SocketAddr = config.http.listen.parse()?;
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on http.listen = {addr}: {e}; pick a free address or set it empty"
+            )
+        })?;
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(http::serve_starting(
+            listener,
+            Arc::clone(&metrics),
+            stop.clone(),
+        ));
+        Some((stop, task))
+    };
+    let pool = connect_with_retry(&config, &shutdown).await;
+    if let Some((stop, mut task)) = starting {
+        stop.cancel();
+        // Open keep-alive connections (a scraper) get 2 s; then the address must be free for
+        // the full server.
+        if tokio::time::timeout(Duration::from_secs(2), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+    let Some(pool) = pool else {
         return Ok(());
     };
     check_schema(&pool).await?;
     let relay = Relay::new(&config, pool.clone(), metrics).await?;
     let result = run_relay(relay, &config, shutdown).await;
     // Bounded: a connection still held by an abandoned batch must not keep the process alive.
-    let _ = tokio::time::timeout(Duration::from_secs(5), pool.close()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), pool.close()).await;
     result
 }
 
@@ -170,18 +208,49 @@ pub async fn run_relay(
         // Dropping a batch mid-flight drops its transaction: PostgreSQL rolls it back.
         aborts.iter().for_each(|a| a.abort());
     }
-    // ordering (issue 6): free this relay's slots now rather than at lease expiry.
-    if let (Some(o), Some(m)) = (&relay.ordering, membership) {
-        let _ = tokio::time::timeout(Duration::from_secs(2), m).await;
-        ordering::membership::leave(&relay, o).await;
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(2), listener).await;
-    for t in maintenance {
-        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
-    }
-    if let Some(h) = http {
-        let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
+    // The background tasks saw the same cancellation; they get one shared 2 s grace (not 2 s
+    // each), so the exit comes at most about 2 s after the shutdown deadline.
+    let background = async {
+        // ordering (issue 6): free this relay's slots now rather than at lease expiry.
+        if let (Some(o), Some(m)) = (&relay.ordering, membership) {
+            let _ = m.await;
+            ordering::membership::leave(&relay, o).await;
+        }
+        let _ = listener.await;
+        futures::future::join_all(maintenance).await;
+        if let Some(h) = http {
+            let _ = h.await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(2), background)
+        .await
+        .is_err()
+    {
+        tracing::warn!("background tasks did not stop within 2 s; exiting without them");
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn redact_url_hides_passwords_and_nats_tokens_but_keeps_user_names() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        assert_eq!(redact_url("postgres://app@db/x"), "postgres://app@db/x");
+        assert_eq!(
+            redact_url("nats://s3cr3t-token@127.0.0.1:4222"),
+            "nats://***@127.0.0.1:4222"
+        );
+        assert_eq!(
+            redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact_url("not a url"), "<unparseable url>");
+    }
 }

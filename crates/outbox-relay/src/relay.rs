@@ -294,7 +294,10 @@ impl Relay {
 
         // ordering (issue 6): keyed rows in rounds, in key order.
         let (outcomes, sink_of) = match &self.ordering {
-            Some(_) => crate::ordering::rounds::publish(self, &rows, shutdown).await,
+            Some(_) => {
+                let last_round_start = Instant::now() + self.config.round_budget();
+                crate::ordering::rounds::publish(self, &rows, shutdown, last_round_start).await
+            }
             None => self.publish(&rows, shutdown).await,
         };
 

@@ -165,7 +165,9 @@ pub struct RetryResult {
 
 /// One statement: lock the matching dead letters, insert them into `outbox.messages` under
 /// their original ids (skipping any whose id or message id is taken), delete from
-/// `outbox.dead_letters` exactly the rows that were inserted, and report every selected row.
+/// `outbox.dead_letters` exactly the rows that were inserted, unpark the keys those dead letters
+/// parked (`ordering.on_dead = "park"`: the retried row is the key's head again, so the key
+/// flows from it), and report every selected row.
 /// The conflict lookup reads the snapshot from before the insert, so it names the row that was
 /// already waiting.
 pub async fn retry(
@@ -188,6 +190,8 @@ pub async fn retry(
             RETURNING id
          ), del AS (
             DELETE FROM outbox.dead_letters d USING ins WHERE d.id = ins.id RETURNING d.id
+         ), unpark AS (
+            DELETE FROM outbox.parked_keys p USING del WHERE p.dead_id = del.id
          )
          SELECT sel.id, sel.message_id, sel.topic, del.id IS NOT NULL AS retried,
                 (SELECT m.id FROM outbox.messages m WHERE m.message_id = sel.message_id) AS conflicting_id
@@ -233,12 +237,18 @@ pub async fn select_ids(
     rows.into_iter().map(|r| r.try_get(0)).collect()
 }
 
-/// Deletes exactly these dead letters (the ones the operator confirmed); returns how many.
+/// Deletes exactly these dead letters (the ones the operator confirmed); returns how many. A key
+/// that one of them parked is unparked in the same statement: purging the message that parked
+/// it is skipping it, so the key's later messages flow (otherwise the key would stay parked
+/// with no dead letter left to act on).
 pub async fn purge_ids(conn: &mut PgConnection, ids: &[i64]) -> Result<u64, sqlx::Error> {
     if ids.is_empty() {
         return Ok(0);
     }
-    let r = sqlx::query("DELETE FROM outbox.dead_letters WHERE id = ANY($1)")
+    let r = sqlx::query(
+        "WITH unpark AS (DELETE FROM outbox.parked_keys WHERE dead_id = ANY($1))
+         DELETE FROM outbox.dead_letters WHERE id = ANY($1)",
+    )
         .bind(ids)
         .execute(conn)
         .await?;

@@ -7,9 +7,18 @@
 //! ([`HELD_BACK`], no attempt counted) and will come back behind the failed one. Unkeyed rows
 //! go in the first round. Every sink gets one message per key per round, Kafka included
 //! (docs/ordering.md, "Per broker", says why a single round would not be safe there).
+//!
+//! The claim transaction sends no statement while the rounds run, so PostgreSQL's
+//! `idle_in_transaction_session_timeout` (`relay.claim_timeout_secs`) counts all of them as one
+//! idle period. A round is therefore started only while it can still finish (within
+//! `relay.publish_timeout_secs`) before that timeout: the rows of the rounds not started are
+//! released untouched, like held-back rows, and come back in the next batch. Without the bound
+//! a hot key (hundreds of rows in one batch) would have its claim aborted after every batch and
+//! republished forever.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
@@ -21,6 +30,13 @@ fn held_back() -> Outcome {
     Outcome::Failed(SinkError::unavailable(
         HELD_BACK,
         "an earlier message of this key failed in the same batch; released untouched",
+    ))
+}
+
+fn out_of_time() -> Outcome {
+    Outcome::Failed(SinkError::unavailable(
+        HELD_BACK,
+        "the batch's time in its claim transaction ran out before this round; released untouched",
     ))
 }
 
@@ -39,11 +55,13 @@ pub fn plan(rows: &[OutboxRow]) -> Vec<usize> {
         .collect()
 }
 
-/// Publishes `rows` (one ordered claim, in id order); one outcome and sink per row.
+/// Publishes `rows` (one ordered claim, in id order); one outcome and sink per row. Rounds after
+/// the first start only before `last_round_start` (see the module docs).
 pub async fn publish(
     relay: &Arc<Relay>,
     rows: &[OutboxRow],
     shutdown: &CancellationToken,
+    last_round_start: Instant,
 ) -> (Vec<Outcome>, Vec<Option<usize>>) {
     let round = plan(rows);
     let rounds = round.iter().copied().max().map_or(0, |m| m + 1);
@@ -61,6 +79,17 @@ pub async fn publish(
         .collect();
     let mut stopped: HashSet<&str> = HashSet::new();
     for r in 0..rounds {
+        if r > 0 && Instant::now() >= last_round_start {
+            tracing::debug!(
+                round = r,
+                rounds,
+                "claim transaction near relay.claim_timeout_secs: later rounds released"
+            );
+            for (i, _) in round.iter().enumerate().filter(|(_, &ri)| ri >= r) {
+                outcomes[i] = Some(out_of_time());
+            }
+            break;
+        }
         let mut idx = Vec::new();
         for (i, row) in rows.iter().enumerate().filter(|(i, _)| round[*i] == r) {
             match row.key.as_deref() {
