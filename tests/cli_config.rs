@@ -323,7 +323,9 @@ async fn migrate_is_idempotent_and_the_demo_relays_every_message() {
     );
     assert!(stdout.contains("all 7 messages arrived"), "{stdout}");
     assert_eq!(
-        stdout.matches(&format!("{prefix}.user.created Nats-Msg-Id=")).count(),
+        stdout
+            .matches(&format!("{prefix}.user.created Nats-Msg-Id="))
+            .count(),
         7,
         "each sample message printed once as it arrived:\n{stdout}"
     );

@@ -362,11 +362,26 @@ async fn dead_retry_and_purge_unpark_the_keys_their_dead_letters_parked() {
     };
     let j = json(&cli(
         &db,
-        &["dead", "retry", "--id-from", "41", "--id-to", "41", "--json"],
+        &[
+            "dead",
+            "retry",
+            "--id-from",
+            "41",
+            "--id-to",
+            "41",
+            "--json",
+        ],
     ));
     assert_eq!(j["retried"], 1);
-    assert_eq!(parked().await, vec![42, 43], "retrying 41 unparked its key only");
-    let out = cli(&db, &["dead", "purge", "--id-from", "42", "--id-to", "42", "--yes"]);
+    assert_eq!(
+        parked().await,
+        vec![42, 43],
+        "retrying 41 unparked its key only"
+    );
+    let out = cli(
+        &db,
+        &["dead", "purge", "--id-from", "42", "--id-to", "42", "--yes"],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(parked().await, vec![43], "purging 42 unparked its key only");
 }

@@ -51,7 +51,8 @@ impl Drop for Topology {
         if self.deleted {
             return;
         }
-        let (url, exchange, queues) = (self.url.clone(), self.exchange.clone(), self.queues.clone());
+        let (url, exchange, queues) =
+            (self.url.clone(), self.exchange.clone(), self.queues.clone());
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

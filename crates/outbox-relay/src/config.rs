@@ -159,7 +159,9 @@ impl RelayConfig {
     /// takes at most `publish_timeout_secs`, and the claim transaction is aborted after
     /// `claim_timeout_secs` without a statement. A quarter of the gap is kept for the mark.
     pub fn round_budget(&self) -> Duration {
-        let gap = self.claim_timeout_secs.saturating_sub(self.publish_timeout_secs);
+        let gap = self
+            .claim_timeout_secs
+            .saturating_sub(self.publish_timeout_secs);
         Duration::from_millis(gap * 750)
     }
     pub fn retention(&self) -> Option<Duration> {

@@ -84,12 +84,50 @@ SELECT id, message_id, topic, key, payload, headers, created_at, attempts
  LIMIT $1
    FOR UPDATE SKIP LOCKED";
 
+/// The topics that have waiting rows and are not `$2` (excluded), from the count deltas (a few
+/// rows per topic), each with its share of the batch. The claim while a circuit is open walks
+/// these topics' ranges of `messages_topic_id_idx` instead of the primary key: the rows of a sink
+/// that has been down for hours pile up at the head of the table, and walking past millions of
+/// them on every claim (a heap fetch each, to read the topic) would slow every other sink to a
+/// crawl. The range form `topic >= t AND topic <= t ORDER BY topic, id` keeps the planner on that
+/// index (see [`LAG_SQL`]).
+pub const ACTIVE_TOPICS_SQL: &str = "
+active AS MATERIALIZED (
+  SELECT topic FROM outbox.topic_counts
+   GROUP BY topic HAVING sum(n) > 0 AND topic <> ALL($2::text[])
+),
+share AS MATERIALIZED (
+  SELECT greatest(1, $1 / greatest(1, count(*)))::bigint AS n FROM active
+)";
+
+/// [`CLAIM_SQL`] while some topics are excluded: per active topic, its oldest available rows.
+static CLAIM_EXCLUDING_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH {ACTIVE_TOPICS_SQL}
+SELECT c.* FROM active t CROSS JOIN LATERAL (
+  SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.headers, m.created_at, m.attempts
+    FROM outbox.messages m
+   WHERE m.topic >= t.topic AND m.topic <= t.topic
+     AND m.available_at <= now()
+   ORDER BY m.topic, m.id
+   LIMIT (SELECT n FROM share)
+     FOR UPDATE SKIP LOCKED
+) c
+ORDER BY c.id"
+    )
+});
+
 pub async fn claim(
     conn: &mut PgConnection,
     limit: i64,
     excluded: &[String],
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-    let rows = sqlx::query(CLAIM_SQL)
+    let sql = if excluded.is_empty() {
+        CLAIM_SQL
+    } else {
+        CLAIM_EXCLUDING_SQL.as_str()
+    };
+    let rows = sqlx::query(sql)
         .bind(limit)
         .bind(excluded)
         .fetch_all(&mut *conn)
@@ -118,12 +156,19 @@ pub async fn any_available<'c, E: sqlx::PgExecutor<'c>>(
     conn: E,
     excluded: &[String],
 ) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM outbox.messages WHERE available_at <= now() AND topic <> ALL($1::text[]))",
-    )
-    .bind(excluded)
-    .fetch_one(conn)
-        .await
+    // With topics excluded, per active topic (see ACTIVE_TOPICS_SQL): the idle poll must not
+    // walk a down sink's backlog either.
+    let sql = if excluded.is_empty() {
+        "SELECT EXISTS (SELECT 1 FROM outbox.messages WHERE available_at <= now() AND topic <> ALL($1::text[]))"
+    } else {
+        "SELECT EXISTS (
+           SELECT 1 FROM (SELECT topic FROM outbox.topic_counts
+                           GROUP BY topic HAVING sum(n) > 0 AND topic <> ALL($1::text[])) t
+            WHERE EXISTS (SELECT 1 FROM outbox.messages m
+                           WHERE m.topic >= t.topic AND m.topic <= t.topic
+                             AND m.available_at <= now()))"
+    };
+    sqlx::query_scalar(sql).bind(excluded).fetch_one(conn).await
 }
 
 /// Marks delivered rows sent: deletes them, or moves them to `outbox.sent` when retention is on.

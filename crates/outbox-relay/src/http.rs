@@ -45,7 +45,10 @@ pub async fn serve_starting(
         .route(
             "/metrics",
             get(|State(m): State<Arc<crate::metrics::Metrics>>| async move {
-                ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render())
+                (
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    m.render(),
+                )
             }),
         )
         .route("/healthz", get(|| async { "ok\n" }))

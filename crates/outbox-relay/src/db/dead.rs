@@ -249,8 +249,8 @@ pub async fn purge_ids(conn: &mut PgConnection, ids: &[i64]) -> Result<u64, sqlx
         "WITH unpark AS (DELETE FROM outbox.parked_keys WHERE dead_id = ANY($1))
          DELETE FROM outbox.dead_letters WHERE id = ANY($1)",
     )
-        .bind(ids)
-        .execute(conn)
-        .await?;
+    .bind(ids)
+    .execute(conn)
+    .await?;
     Ok(r.rows_affected())
 }

@@ -10,6 +10,37 @@ use sqlx::{PgConnection, Row};
 
 use crate::sinks::OutboxRow;
 
+/// The keyed-row condition of `cand` (rows of table `m`): unkeyed, or in an owned slot with a
+/// key that is not parked and whose head is not waiting for a retry.
+macro_rules! cand_condition {
+    () => {
+        "(m.key IS NULL OR (
+           m.slot = ANY($3::smallint[])
+       AND NOT EXISTS (SELECT 1 FROM outbox.parked_keys p WHERE p.key = m.key)
+       AND NOT EXISTS (SELECT 1
+                         FROM (SELECT h.available_at FROM outbox.messages h
+                                WHERE h.key = m.key ORDER BY h.id LIMIT 1) head
+                        WHERE head.available_at > now())))"
+    };
+}
+
+/// Steps 2 and 3, the same whichever way `cand` was found.
+macro_rules! ordered_tail {
+    () => {
+        "keys AS (
+  SELECT k.key,
+         (SELECT e.id FROM outbox.messages e
+           WHERE e.key = k.key AND e.id NOT IN (SELECT c.id FROM cand c)
+           ORDER BY e.id LIMIT 1) AS first_outside
+    FROM (SELECT DISTINCT c.key FROM cand c WHERE c.key IS NOT NULL) k
+)
+SELECT c.* FROM cand c
+  LEFT JOIN keys k ON k.key = c.key
+ WHERE c.key IS NULL OR k.first_outside IS NULL OR c.id < k.first_outside
+ ORDER BY c.id"
+    };
+}
+
 /// One statement, one snapshot, one round trip:
 ///
 /// 1. `cand`: the oldest available rows that are unkeyed or in an owned slot, whose key is not
@@ -23,34 +54,49 @@ use crate::sinks::OutboxRow;
 ///
 /// So every keyed row returned has all earlier rows of its key in the same batch, and the
 /// batch returns, per key, a prefix of the key's waiting rows.
-const ORDERED_CLAIM_SQL: &str = "
+const ORDERED_CLAIM_SQL: &str = concat!(
+    "
 WITH cand AS MATERIALIZED (
   SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.headers, m.created_at, m.attempts
     FROM outbox.messages m
    WHERE m.available_at <= now()
      AND m.topic <> ALL($2::text[])
-     AND (m.key IS NULL OR (
-           m.slot = ANY($3::smallint[])
-       AND NOT EXISTS (SELECT 1 FROM outbox.parked_keys p WHERE p.key = m.key)
-       AND NOT EXISTS (SELECT 1
-                         FROM (SELECT h.available_at FROM outbox.messages h
-                                WHERE h.key = m.key ORDER BY h.id LIMIT 1) head
-                        WHERE head.available_at > now())))
+     AND ",
+    cand_condition!(),
+    "
    ORDER BY m.id
    LIMIT $1
      FOR UPDATE OF m SKIP LOCKED
 ),
-keys AS (
-  SELECT k.key,
-         (SELECT e.id FROM outbox.messages e
-           WHERE e.key = k.key AND e.id NOT IN (SELECT c.id FROM cand c)
-           ORDER BY e.id LIMIT 1) AS first_outside
-    FROM (SELECT DISTINCT c.key FROM cand c WHERE c.key IS NOT NULL) k
-)
-SELECT c.* FROM cand c
-  LEFT JOIN keys k ON k.key = c.key
- WHERE c.key IS NULL OR k.first_outside IS NULL OR c.id < k.first_outside
- ORDER BY c.id";
+",
+    ordered_tail!()
+);
+
+/// [`ORDERED_CLAIM_SQL`] while some topics are excluded (a sink's circuit is open): `cand` is
+/// taken per active topic from `messages_topic_id_idx`, so a down sink's backlog at the head of
+/// the table is not walked on every claim (see `db::ACTIVE_TOPICS_SQL`). Steps 2 and 3 are the
+/// same, so the order is kept exactly as in the plain form.
+static ORDERED_CLAIM_EXCLUDING_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH {active},
+cand AS MATERIALIZED (
+  SELECT c.* FROM active t CROSS JOIN LATERAL (
+    SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.headers, m.created_at, m.attempts
+      FROM outbox.messages m
+     WHERE m.topic >= t.topic AND m.topic <= t.topic
+       AND m.available_at <= now()
+       AND {cond}
+     ORDER BY m.topic, m.id
+     LIMIT (SELECT n FROM share)
+       FOR UPDATE OF m SKIP LOCKED
+  ) c
+),
+{tail}",
+        active = crate::db::ACTIVE_TOPICS_SQL,
+        cond = cand_condition!(),
+        tail = ordered_tail!()
+    )
+});
 
 /// Claims an ordered batch (see [`ORDERED_CLAIM_SQL`]); `slots` are the slots this relay owns.
 pub async fn claim(
@@ -59,7 +105,12 @@ pub async fn claim(
     excluded: &[String],
     slots: &[i16],
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-    let rows = sqlx::query(ORDERED_CLAIM_SQL)
+    let sql = if excluded.is_empty() {
+        ORDERED_CLAIM_SQL
+    } else {
+        ORDERED_CLAIM_EXCLUDING_SQL.as_str()
+    };
+    let rows = sqlx::query(sql)
         .bind(limit)
         .bind(excluded)
         .bind(slots)
