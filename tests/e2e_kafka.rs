@@ -223,6 +223,12 @@ async fn kafka_broker_killed_and_restarted_loses_nothing() {
         || async { db.waiting().await == 0 },
     )
     .await;
+    // A broker outage is the sink's failure, never a message's: nothing was dead-lettered.
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox.dead_letters")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(dead, 0, "relay stderr:\n{}", relay.stderr());
     let reader = KafkaReader::new(&broker.brokers(), &[(&topic, 2)]);
     let total = (CHUNKS * PER_CHUNK) as usize;
     let mut ids = BTreeSet::new();
