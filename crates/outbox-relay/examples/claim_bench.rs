@@ -123,7 +123,7 @@ async fn run(url: &str, rows: i64, runs: usize) -> anyhow::Result<()> {
     let down = vec!["down.t".to_string()];
     let all_slots: Vec<i16> = (0..256).collect();
     let quarter: Vec<i16> = (0..64).collect();
-    println!("claim (batch {BATCH})                             | median ms | rows");
+    println!("{:<51}| median ms | rows", format!("claim (batch {BATCH})"));
     println!("---------------------------------------------------|-----------|-----");
     let report = |what: &str, (ms, n): (f64, usize)| println!("{what:<51}| {ms:>9.2} | {n}");
 
