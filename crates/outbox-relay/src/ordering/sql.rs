@@ -10,32 +10,56 @@ use sqlx::{PgConnection, Row};
 
 use crate::sinks::OutboxRow;
 
+/// The keys with a row waiting for a retry (attempts > 0, not due yet), read once per claim
+/// from the partial index `messages_key_retry_idx` (empty unless messages are failing), so the
+/// candidates' check is one hash probe each instead of an index probe of the key's head.
+macro_rules! blocked_keys {
+    () => {
+        "blocked AS MATERIALIZED (
+  SELECT DISTINCT b.key FROM outbox.messages b
+   WHERE b.key IS NOT NULL AND b.attempts > 0 AND b.available_at > now()
+)"
+    };
+}
+
 /// The keyed-row condition of `cand` (rows of table `m`): unkeyed, or in an owned slot with a
-/// key that is not parked and whose head is not waiting for a retry.
+/// key that is not parked and has no row waiting for a retry.
 macro_rules! cand_condition {
     () => {
         "(m.key IS NULL OR (
            m.slot = ANY($3::smallint[])
        AND NOT EXISTS (SELECT 1 FROM outbox.parked_keys p WHERE p.key = m.key)
-       AND NOT EXISTS (SELECT 1
-                         FROM (SELECT h.available_at FROM outbox.messages h
-                                WHERE h.key = m.key ORDER BY h.id LIMIT 1) head
-                        WHERE head.available_at > now())))"
+       AND NOT EXISTS (SELECT 1 FROM blocked bk WHERE bk.key = m.key)))"
     };
 }
 
-/// Steps 2 and 3, the same whichever way `cand` was found.
+/// Steps 2 and 3, the same whichever way `cand` was found. `first_outside` is the oldest row of
+/// the key that is not in `cand`, or NULL when nothing before the key's last candidate is
+/// missing, found with as little index reading as possible: one probe for a row older than the
+/// key's first candidate (then every candidate of the key goes), which settles a key with a
+/// single candidate (most keys of a batch); only a key with several candidates reads on from
+/// its first one to the first row that is not a candidate.
 macro_rules! ordered_tail {
     () => {
         "keys AS (
+  SELECT c.key, min(c.id) AS first_id, count(*) AS n
+    FROM cand c WHERE c.key IS NOT NULL GROUP BY c.key
+),
+cut AS (
   SELECT k.key,
-         (SELECT e.id FROM outbox.messages e
-           WHERE e.key = k.key AND e.id NOT IN (SELECT c.id FROM cand c)
-           ORDER BY e.id LIMIT 1) AS first_outside
-    FROM (SELECT DISTINCT c.key FROM cand c WHERE c.key IS NOT NULL) k
+         CASE WHEN EXISTS (SELECT 1 FROM outbox.messages e
+                            WHERE e.key = k.key AND e.id < k.first_id)
+              THEN k.first_id
+              WHEN k.n = 1 THEN NULL
+              ELSE (SELECT e.id FROM outbox.messages e
+                     WHERE e.key = k.key AND e.id > k.first_id
+                       AND e.id NOT IN (SELECT c.id FROM cand c)
+                     ORDER BY e.id LIMIT 1)
+         END AS first_outside
+    FROM keys k
 )
 SELECT c.* FROM cand c
-  LEFT JOIN keys k ON k.key = c.key
+  LEFT JOIN cut k ON k.key = c.key
  WHERE c.key IS NULL OR k.first_outside IS NULL OR c.id < k.first_outside
  ORDER BY c.id"
     };
@@ -44,9 +68,9 @@ SELECT c.* FROM cand c
 /// One statement, one snapshot, one round trip:
 ///
 /// 1. `cand`: the oldest available rows that are unkeyed or in an owned slot, whose key is not
-///    parked and whose key's oldest row (its head) is not waiting for a retry, locked with
-///    `FOR UPDATE SKIP LOCKED`. The head check keeps a poisoned key's backlog from filling
-///    the batch; it is an optimisation, step 2 is the rule.
+///    parked and has no row waiting for a retry (`blocked`), locked with `FOR UPDATE SKIP
+///    LOCKED`. The blocked-key check keeps a poisoned key's backlog from filling the batch; it
+///    is an optimisation, step 2 is the rule.
 /// 2. `first_outside`: per key in `cand`, the oldest row of the key that is NOT in `cand`
 ///    (waiting for a retry, delayed, locked by another relay that still has it in flight, or
 ///    enqueued after the scan). Rows of the key from that one on are dropped: they stay locked
@@ -56,7 +80,10 @@ SELECT c.* FROM cand c
 /// batch returns, per key, a prefix of the key's waiting rows.
 const ORDERED_CLAIM_SQL: &str = concat!(
     "
-WITH cand AS MATERIALIZED (
+WITH ",
+    blocked_keys!(),
+    ",
+cand AS MATERIALIZED (
   SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.headers, m.created_at, m.attempts
     FROM outbox.messages m
    WHERE m.available_at <= now()
@@ -78,7 +105,7 @@ WITH cand AS MATERIALIZED (
 /// same, so the order is kept exactly as in the plain form.
 static ORDERED_CLAIM_EXCLUDING_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "WITH {active},
+        "WITH {active}, {blocked},
 cand AS MATERIALIZED (
   SELECT c.* FROM active t CROSS JOIN LATERAL (
     SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.headers, m.created_at, m.attempts
@@ -93,6 +120,7 @@ cand AS MATERIALIZED (
 ),
 {tail}",
         active = crate::db::ACTIVE_TOPICS_SQL,
+        blocked = blocked_keys!(),
         cond = cand_condition!(),
         tail = ordered_tail!()
     )
