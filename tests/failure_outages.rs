@@ -346,17 +346,16 @@ async fn one_sink_down_the_other_keeps_flowing() {
             b_ids.insert(e.message_id)
         };
     }
+    let a_waiting = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox.messages WHERE topic = 'a.x'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
     wait_until(
         Duration::from_secs(30),
         "the healthy sink delivered everything of its own",
-        || async {
-            let a: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM outbox.messages WHERE topic = 'a.x'")
-                    .fetch_one(&db.pool)
-                    .await
-                    .unwrap();
-            a == 0
-        },
+        || async { a_waiting().await == 0 },
     )
     .await;
     let (b_waiting, b_max_attempts): (i64, Option<i32>) =
@@ -389,14 +388,7 @@ async fn one_sink_down_the_other_keeps_flowing() {
     wait_until(
         Duration::from_secs(30),
         "the healthy sink delivered what came while the other was down",
-        || async {
-            let a: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM outbox.messages WHERE topic = 'a.x'")
-                    .fetch_one(&db.pool)
-                    .await
-                    .unwrap();
-            a == 0
-        },
+        || async { a_waiting().await == 0 },
     )
     .await;
     let b_attempts: Option<i32> =

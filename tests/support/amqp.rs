@@ -45,36 +45,22 @@ pub struct Topology {
 
 impl Drop for Topology {
     /// A test that panicked before [`Topology::delete`] still removes its queues (with any
-    /// messages) and exchange from the shared broker: on a thread with a runtime and an AMQP
-    /// connection of its own, bounded in time.
+    /// messages) and exchange from the shared broker, through an AMQP connection of its own.
     fn drop(&mut self) {
         if self.deleted {
             return;
         }
         let (url, exchange, queues) =
             (self.url.clone(), self.exchange.clone(), self.queues.clone());
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
+        crate::support::cleanup_on_own_runtime(async move {
+            let Ok(conn) = Connection::connect(&url, ConnectionProperties::default()).await else {
                 return;
             };
-            rt.block_on(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                    let Ok(conn) = Connection::connect(&url, ConnectionProperties::default()).await
-                    else {
-                        return;
-                    };
-                    if let Ok(channel) = conn.create_channel().await {
-                        delete_all(&channel, &exchange, &queues).await;
-                    }
-                    let _ = conn.close(200, "test cleanup".into()).await;
-                })
-                .await;
-            });
-        })
-        .join();
+            if let Ok(channel) = conn.create_channel().await {
+                delete_all(&channel, &exchange, &queues).await;
+            }
+            let _ = conn.close(200, "test cleanup".into()).await;
+        });
     }
 }
 

@@ -418,30 +418,37 @@ impl NatsConsumer {
     }
 }
 
+/// Runs `cleanup` to completion (at most 5 s) on a thread with a runtime of its own: for `Drop`
+/// implementations, which may run while the test's runtime is shutting down after a panic.
+pub fn cleanup_on_own_runtime<F>(cleanup: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let _ = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(5), cleanup).await;
+        });
+    })
+    .join();
+}
+
 impl Drop for NatsConsumer {
-    /// Deletes the stream, also when the test panicked: on a thread with a runtime and a NATS
-    /// connection of its own (the test's runtime may be shutting down), bounded in time.
+    /// Deletes the stream, also when the test panicked, through a NATS connection of its own.
     fn drop(&mut self) {
         let (url, name) = (self.url.clone(), self.stream.clone());
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                    if let Ok(client) = async_nats::connect(&url).await {
-                        let _ = async_nats::jetstream::new(client)
-                            .delete_stream(&name)
-                            .await;
-                    }
-                })
-                .await;
-            });
-        })
-        .join();
+        cleanup_on_own_runtime(async move {
+            if let Ok(client) = async_nats::connect(&url).await {
+                let _ = async_nats::jetstream::new(client)
+                    .delete_stream(&name)
+                    .await;
+            }
+        });
     }
 }
 

@@ -214,8 +214,8 @@ pub async fn collect_arrivals(
     schedule: &Schedule,
     expected: u64,
     deadline: tokio::time::Instant,
+    seen: &mut std::collections::HashSet<String>,
 ) -> Vec<Arrival> {
-    let mut seen = std::collections::HashSet::with_capacity(expected as usize);
     let mut out = Vec::with_capacity(expected as usize);
     while (out.len() as u64) < expected {
         match tokio::time::timeout_at(deadline, rx.recv()).await {

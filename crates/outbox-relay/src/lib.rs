@@ -184,7 +184,7 @@ pub async fn run_relay(
         .as_ref()
         .map(|o| ordering::membership::spawn(&relay, o, &shutdown));
     let handles: Vec<_> = (0..workers)
-        .map(|_| tokio::spawn(Arc::clone(&relay).run_worker(shutdown.clone())))
+        .map(|w| tokio::spawn(Arc::clone(&relay).run_worker(w, shutdown.clone())))
         .collect();
     tracing::info!(
         workers,

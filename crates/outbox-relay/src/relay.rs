@@ -223,12 +223,14 @@ impl Relay {
     }
 
     /// Runs one worker until `shutdown`; a batch in progress is always finished.
-    pub async fn run_worker(self: Arc<Self>, shutdown: CancellationToken) {
+    /// Worker `worker` (0-based, of `relay.workers`): in ordered mode it claims keyed rows only
+    /// from its share of the relay's slots (see [`Relay::run_batch`]).
+    pub async fn run_worker(self: Arc<Self>, worker: usize, shutdown: CancellationToken) {
         let mut rx = self.wakeup.subscribe();
         let mut db_backoff = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
             rx.borrow_and_update();
-            match self.run_batch(&shutdown).await {
+            match self.run_batch(worker, &shutdown).await {
                 Ok(report) => {
                     self.wakeup.batch_done();
                     if !self.database_up.swap(true, Ordering::AcqRel) {
@@ -264,9 +266,20 @@ impl Relay {
         }
     }
 
-    /// One claim transaction. Errors are database errors; sink failures are outcomes.
+    /// One claim transaction of worker `worker`. Errors are database errors; sink failures are
+    /// outcomes.
+    ///
+    /// In ordered mode the worker claims keyed rows only from the owned slots with
+    /// `slot % workers == worker`, so the workers of one relay never claim the same key at once.
+    /// Without that split, with keys interleaved in the table (the common case), the next worker
+    /// claims the second row of the keys whose first rows the previous worker holds, and the
+    /// ordered claim must drop them all: only about as many workers as there are "layers" of
+    /// keys in a batch did useful work, the others locked rows for nothing. The split is stable
+    /// across rebalancing (it depends on the slot, not on which slots are owned); the claim's
+    /// per-key rule stays the guarantee either way.
     pub async fn run_batch(
         self: &Arc<Self>,
+        worker: usize,
         shutdown: &CancellationToken,
     ) -> Result<BatchReport, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
@@ -275,7 +288,13 @@ impl Relay {
         // ordering (issue 6): the ordered claim, or the unordered one.
         let rows = match &self.ordering {
             Some(o) => {
-                let slots = o.owned_slots();
+                let workers = self.config.workers.max(1) as usize;
+                let slots: Vec<i16> = o
+                    .owned_slots()
+                    .iter()
+                    .copied()
+                    .filter(|s| *s as usize % workers == worker % workers)
+                    .collect();
                 let limit = self.config.batch_size as i64;
                 crate::ordering::sql::claim(&mut tx, limit, &excluded, &slots).await?
             }
