@@ -221,4 +221,15 @@ async fn readiness_is_served_while_the_database_is_unreachable_at_start() {
         "/readyz once the database exists: {ready:?}\nrelay stderr:\n{stderr}"
     );
     assert!(stderr.contains("cannot reach PostgreSQL"), "{stderr}");
+    // The start-up check of the server's autovacuum (docs/operations.md, "Vacuum"): warned
+    // about exactly when it is off.
+    let autovacuum: String = sqlx::query_scalar("SELECT current_setting('autovacuum')")
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(
+        stderr.contains("autovacuum is off"),
+        autovacuum == "off",
+        "autovacuum = {autovacuum}; relay stderr:\n{stderr}"
+    );
 }

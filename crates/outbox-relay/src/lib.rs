@@ -95,6 +95,22 @@ pub async fn check_schema(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every outbox row is inserted once and deleted once: without autovacuum the table and its
+/// indexes only grow and the claim slows down with them (measured: docs/benchmarks.md, "Steady
+/// state"). The relay cannot fix the server's setting, so it says so at start.
+async fn warn_if_autovacuum_is_off(pool: &PgPool) {
+    let setting: Result<String, _> = sqlx::query_scalar("SELECT current_setting('autovacuum')")
+        .fetch_one(pool)
+        .await;
+    if matches!(setting.as_deref(), Ok("off")) {
+        tracing::warn!(
+            "autovacuum is off on this PostgreSQL server: outbox.messages will bloat (every row is \
+             inserted and deleted once) and claims will slow down; turn autovacuum on, or run \
+             VACUUM outbox.messages regularly"
+        );
+    }
+}
+
 /// Runs the relay until `shutdown` fires, then lets in-flight batches finish (bounded by
 /// `relay.shutdown_timeout_secs`).
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -135,6 +151,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         return Ok(());
     };
     check_schema(&pool).await?;
+    warn_if_autovacuum_is_off(&pool).await;
     let relay = Relay::new(&config, pool.clone(), metrics).await?;
     let result = run_relay(relay, &config, shutdown).await;
     // Bounded: a connection still held by an abandoned batch must not keep the process alive.
