@@ -117,6 +117,18 @@ ORDER BY c.id"
     )
 });
 
+/// [`any_available`] while some topics are excluded.
+static ANY_AVAILABLE_EXCLUDING_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH {ACTIVE_TOPICS_SQL}
+SELECT EXISTS (
+  SELECT 1 FROM active t
+   WHERE EXISTS (SELECT 1 FROM outbox.messages m
+                  WHERE m.topic >= t.topic AND m.topic <= t.topic
+                    AND m.available_at <= now()))"
+    )
+});
+
 pub async fn claim(
     conn: &mut PgConnection,
     limit: i64,
@@ -156,19 +168,18 @@ pub async fn any_available<'c, E: sqlx::PgExecutor<'c>>(
     conn: E,
     excluded: &[String],
 ) -> Result<bool, sqlx::Error> {
-    // With topics excluded, per active topic (see ACTIVE_TOPICS_SQL): the idle poll must not
-    // walk a down sink's backlog either.
+    // With topics excluded, per active topic (ACTIVE_TOPICS_SQL, $1 being the unused batch
+    // size): the idle poll must not walk a down sink's backlog either.
     let sql = if excluded.is_empty() {
-        "SELECT EXISTS (SELECT 1 FROM outbox.messages WHERE available_at <= now() AND topic <> ALL($1::text[]))"
+        "SELECT EXISTS (SELECT 1 FROM outbox.messages WHERE available_at <= now() AND topic <> ALL($2::text[]))"
     } else {
-        "SELECT EXISTS (
-           SELECT 1 FROM (SELECT topic FROM outbox.topic_counts
-                           GROUP BY topic HAVING sum(n) > 0 AND topic <> ALL($1::text[])) t
-            WHERE EXISTS (SELECT 1 FROM outbox.messages m
-                           WHERE m.topic >= t.topic AND m.topic <= t.topic
-                             AND m.available_at <= now()))"
+        ANY_AVAILABLE_EXCLUDING_SQL.as_str()
     };
-    sqlx::query_scalar(sql).bind(excluded).fetch_one(conn).await
+    sqlx::query_scalar(sql)
+        .bind(1i64)
+        .bind(excluded)
+        .fetch_one(conn)
+        .await
 }
 
 /// Marks delivered rows sent: deletes them, or moves them to `outbox.sent` when retention is on.

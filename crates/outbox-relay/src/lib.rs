@@ -120,12 +120,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let starting = if config.http.listen.is_empty() {
         None
     } else {
-        let addr: std::net::SocketAddr = config.http.listen.parse()?;
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen on http.listen = {addr}: {e}; pick a free address or set it empty"
-            )
-        })?;
+        let listener = bind_http(&config.http.listen).await?;
         let stop = CancellationToken::new();
         let task = tokio::spawn(http::serve_starting(
             listener,
@@ -159,6 +154,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     result
 }
 
+/// Binds `http.listen`, or says what to change.
+async fn bind_http(listen: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let addr: std::net::SocketAddr = listen.parse()?;
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on http.listen = {addr}: {e}; pick a free address or set it empty"
+        )
+    })
+}
+
 /// Runs an already built relay (the demo and tests use this too).
 pub async fn run_relay(
     relay: Arc<Relay>,
@@ -169,12 +174,7 @@ pub async fn run_relay(
         None
     } else {
         let addr = config.http.listen.parse()?;
-        let listener_check = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen on http.listen = {addr}: {e}; pick a free address or set it empty"
-            )
-        })?;
-        drop(listener_check);
+        drop(bind_http(&config.http.listen).await?);
         Some(tokio::spawn(http::serve(
             addr,
             Arc::clone(&relay),
