@@ -82,6 +82,12 @@ pub struct Cli {
     /// Repeat ceiling + drain this many times; medians are reported [default: 3; quick: 1].
     #[arg(long)]
     repeat: Option<usize>,
+    /// Rounds of the enqueue and scale scenarios. Within a round the cells compared with each
+    /// other run back to back, in an order that rotates from round to round; reported are the
+    /// medians over rounds and the median of the ratios paired within a round
+    /// [default: 3; quick: 2].
+    #[arg(long)]
+    rounds: Option<usize>,
     /// Relay process counts for the scale scenario.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     relays: Vec<usize>,
@@ -214,6 +220,7 @@ fn resolve(cli: &Cli) -> anyhow::Result<Opts> {
         batch_size,
         workers,
         repeat: cli.repeat.unwrap_or(if q { 1 } else { 3 }).max(1),
+        rounds: cli.rounds.unwrap_or(if q { 2 } else { 3 }).max(1),
         relays: cli.relays.clone(),
         keys: cli.keys,
         rates: cli.rates.clone(),
@@ -352,26 +359,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 
     if wants(Scenario::Scale) {
-        for b in &brokers {
-            for &relays in &o.relays {
-                for ordering in [false, true] {
-                    eprintln!(
-                        "scale: {relays} relay(s) through {}, {} keys, ordering {}",
-                        b.kind(),
-                        o.keys,
-                        if ordering { "on" } else { "off" }
-                    );
-                    let spec = DrainSpec {
-                        relays,
-                        keys: o.keys,
-                        ordering,
+        // Each ordered drain runs right next to the unordered drain it is compared with (the
+        // order of the two alternates from round to round), so the ratio of a pair is measured
+        // under the same conditions; the report gives the median of the paired ratios.
+        for round in 0..o.rounds {
+            for b in &brokers {
+                for &relays in &o.relays {
+                    let modes = if round % 2 == 0 {
+                        [false, true]
+                    } else {
+                        [true, false]
                     };
-                    let mut d = scenarios::throughput::drain(&o, b.as_ref(), spec).await?;
-                    d.pct_of_ceiling = ceiling
-                        .map(|c| stats::pct(d.msgs_per_sec, c))
-                        .unwrap_or(0.0);
-                    eprintln!("  {:.0} msg/s", d.msgs_per_sec);
-                    r.scale.push(d);
+                    for ordering in modes {
+                        eprintln!(
+                            "scale round {}/{}: {relays} relay(s) through {}, {} keys, ordering {}",
+                            round + 1,
+                            o.rounds,
+                            b.kind(),
+                            o.keys,
+                            if ordering { "on" } else { "off" }
+                        );
+                        let spec = DrainSpec {
+                            relays,
+                            keys: o.keys,
+                            ordering,
+                        };
+                        let mut d = scenarios::throughput::drain(&o, b.as_ref(), spec).await?;
+                        d.round = round;
+                        d.pct_of_ceiling = ceiling
+                            .map(|c| stats::pct(d.msgs_per_sec, c))
+                            .unwrap_or(0.0);
+                        eprintln!("  {:.0} msg/s", d.msgs_per_sec);
+                        r.scale.push(d);
+                    }
                 }
             }
         }

@@ -21,6 +21,7 @@ pub struct Settings {
     pub batch_size: u32,
     pub workers: u32,
     pub repeat: usize,
+    pub rounds: usize,
     pub latency_secs: f64,
     pub producer_conns: usize,
     pub enqueue_secs: f64,
@@ -58,10 +59,14 @@ pub struct DrainSummary {
 pub struct ScaleRatio {
     pub sink: String,
     pub relays: usize,
+    /// Medians over the rounds.
     pub unordered_msgs_per_sec: f64,
     pub ordered_msgs_per_sec: f64,
-    /// Ordered as a percentage of unordered.
+    /// Ordered as a percentage of unordered: the median of the ratios of the rounds (each
+    /// ordered drain against the unordered drain of the same round).
     pub ordered_pct_of_unordered: f64,
+    /// The ratio of each round.
+    pub round_pcts: Vec<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -112,6 +117,7 @@ impl Report {
                 batch_size: o.batch_size,
                 workers: o.workers,
                 repeat: o.repeat,
+                rounds: o.rounds,
                 latency_secs: o.latency_secs,
                 producer_conns: o.producer_conns,
                 enqueue_secs: o.enqueue_secs,
@@ -159,11 +165,36 @@ impl Report {
             .filter(move |d| d.sink == sink)
     }
 
-    fn enqueue_rate(&self, method: Method, wake: Wake, conns: usize) -> Option<f64> {
+    fn enqueue_cells(
+        &self,
+        method: Method,
+        wake: Wake,
+        conns: usize,
+    ) -> impl Iterator<Item = &EnqueueCell> + '_ {
         self.enqueue
             .iter()
-            .find(|c| c.method == method && c.wake == wake && c.conns == conns)
+            .filter(move |c| c.method == method && c.wake == wake && c.conns == conns)
+    }
+
+    /// The median over rounds.
+    fn enqueue_rate(&self, method: Method, wake: Wake, conns: usize) -> Option<f64> {
+        let v: Vec<f64> = self
+            .enqueue_cells(method, wake, conns)
             .map(|c| c.rows_per_sec)
+            .collect();
+        (!v.is_empty()).then(|| median(&v))
+    }
+
+    /// `100 - wake / base` in % per round (both cells of the same round), and their median.
+    fn enqueue_costs(&self, method: Method, wake: Wake, base: Wake, conns: usize) -> Vec<f64> {
+        self.enqueue_cells(method, wake, conns)
+            .filter_map(|w| {
+                let b = self
+                    .enqueue_cells(method, base, conns)
+                    .find(|b| b.round == w.round)?;
+                Some(100.0 - pct(w.rows_per_sec, b.rows_per_sec))
+            })
+            .collect()
     }
 
     /// Medians and the targets.
@@ -207,20 +238,44 @@ impl Report {
                 met: s.map(|s| s.median_pct_of_ceiling >= need),
             });
         }
-        self.scale_ratios = self
+        let mut groups: Vec<(String, usize)> = self
             .scale
             .iter()
-            .filter(|u| !u.ordering)
-            .filter_map(|u| {
-                let o = self.scale.iter().find(|o| {
-                    o.ordering && o.sink == u.sink && o.relays == u.relays && o.keys == u.keys
-                })?;
+            .map(|d| (d.sink.clone(), d.relays))
+            .collect();
+        groups.dedup();
+        groups.sort();
+        groups.dedup();
+        self.scale_ratios = groups
+            .into_iter()
+            .filter_map(|(sink, relays)| {
+                let of = |ordering: bool| {
+                    self.scale
+                        .iter()
+                        .filter(|d| d.sink == sink && d.relays == relays && d.ordering == ordering)
+                        .collect::<Vec<_>>()
+                };
+                let (unordered, ordered) = (of(false), of(true));
+                let round_pcts: Vec<f64> = ordered
+                    .iter()
+                    .filter_map(|o| {
+                        let u = unordered.iter().find(|u| u.round == o.round)?;
+                        Some(pct(o.msgs_per_sec, u.msgs_per_sec))
+                    })
+                    .collect();
+                if round_pcts.is_empty() {
+                    return None;
+                }
+                let rate = |v: &[&DrainResult]| {
+                    median(&v.iter().map(|d| d.msgs_per_sec).collect::<Vec<_>>())
+                };
                 Some(ScaleRatio {
-                    sink: u.sink.clone(),
-                    relays: u.relays,
-                    unordered_msgs_per_sec: u.msgs_per_sec,
-                    ordered_msgs_per_sec: o.msgs_per_sec,
-                    ordered_pct_of_unordered: pct(o.msgs_per_sec, u.msgs_per_sec),
+                    sink: sink.clone(),
+                    relays,
+                    unordered_msgs_per_sec: rate(&unordered),
+                    ordered_msgs_per_sec: rate(&ordered),
+                    ordered_pct_of_unordered: median(&round_pcts),
+                    round_pcts,
                 })
             })
             .collect();
@@ -249,6 +304,10 @@ impl Report {
                 measured: ratios
                     .iter()
                     .map(|r| format!("{}r {:.1} %", r.relays, r.ordered_pct_of_unordered))
+                    .chain(std::iter::once(format!(
+                        "(medians of {} paired rounds)",
+                        ratios.iter().map(|r| r.round_pcts.len()).min().unwrap_or(0)
+                    )))
                     .collect::<Vec<_>>()
                     .join(", "),
                 met: Some(ratios.iter().all(|r| r.ordered_pct_of_unordered >= 60.0)),
@@ -286,9 +345,8 @@ impl Report {
         let costs: Vec<(Method, f64)> = [Method::ClientSingle, Method::ClientBatch]
             .into_iter()
             .filter_map(|m| {
-                let busy = self.enqueue_rate(m, Wake::Busy, conns)?;
-                let base = self.enqueue_rate(m, Wake::NoWakeup, conns)?;
-                Some((m, 100.0 - pct(busy, base)))
+                let c = self.enqueue_costs(m, Wake::Busy, Wake::NoWakeup, conns);
+                (!c.is_empty()).then(|| (m, median(&c)))
             })
             .collect();
         targets.push(Target {
@@ -299,7 +357,7 @@ impl Report {
             } else {
                 costs
                     .iter()
-                    .map(|(m, c)| format!("{}: {c:.1} %", m.label()))
+                    .map(|(m, c)| format!("{}: {c:.1} % (median of rounds)", m.label()))
                     .collect::<Vec<_>>()
                     .join("; ")
             },
@@ -409,7 +467,7 @@ impl Report {
             }
         }
         if !self.enqueue.is_empty() {
-            println!("\n## Enqueue (rows/s)");
+            println!("\n## Enqueue (rows/s, median of rounds)");
             let mut conns: Vec<usize> = self.enqueue.iter().map(|c| c.conns).collect();
             conns.sort();
             conns.dedup();
@@ -432,6 +490,30 @@ impl Report {
                 }
                 println!();
             }
+            println!(
+                "wake-up cost (100 - state / no-wakeup, % per round, paired within the round; median):"
+            );
+            for &c in &conns {
+                for m in Method::ALL {
+                    for w in [Wake::Busy, Wake::Sleeping] {
+                        let costs = self.enqueue_costs(m, w, Wake::NoWakeup, c);
+                        if costs.is_empty() {
+                            continue;
+                        }
+                        println!(
+                            "  {c:>2}c {:<9} {:<34} {:>7.1} %  rounds: {}",
+                            w.label(),
+                            m.label(),
+                            median(&costs),
+                            costs
+                                .iter()
+                                .map(|x| format!("{x:.1}"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        );
+                    }
+                }
+            }
         }
         if !self.scale.is_empty() {
             println!(
@@ -439,12 +521,13 @@ impl Report {
                 self.settings.keys
             );
             println!(
-                "{:<7} {:<6} {:<9} {:>10} {:>9} {:>14} {:>10}",
-                "relays", "sink", "ordering", "msg/s", "% ceil", "max RSS MiB", "relay s"
+                "{:<6} {:<7} {:<6} {:<9} {:>10} {:>9} {:>14} {:>10}",
+                "round", "relays", "sink", "ordering", "msg/s", "% ceil", "max RSS MiB", "relay s"
             );
             for d in &self.scale {
                 println!(
-                    "{:<7} {:<6} {:<9} {:>10.0} {:>8.1}% {:>14.1} {:>10.1}",
+                    "{:<6} {:<7} {:<6} {:<9} {:>10.0} {:>8.1}% {:>14.1} {:>10.1}",
+                    d.round + 1,
                     d.relays,
                     d.sink,
                     if d.ordering { "on" } else { "off" },
@@ -455,15 +538,20 @@ impl Report {
                 );
             }
             if !self.scale_ratios.is_empty() {
-                println!("ordered / unordered:");
+                println!("ordered / unordered (median of the rounds' ratios; medians of the rates):");
                 for r in &self.scale_ratios {
                     println!(
-                        "{:<7} {:<6} {:>8.1}%  ({:.0} / {:.0} msg/s)",
+                        "{:<7} {:<6} {:>8.1}%  ({:.0} / {:.0} msg/s; rounds {})",
                         r.relays,
                         r.sink,
                         r.ordered_pct_of_unordered,
                         r.ordered_msgs_per_sec,
-                        r.unordered_msgs_per_sec
+                        r.unordered_msgs_per_sec,
+                        r.round_pcts
+                            .iter()
+                            .map(|p| format!("{p:.1} %"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     );
                 }
             }

@@ -10,7 +10,12 @@
 //! - `no-wakeup`: the insert trigger replaced, in this benchmark's own database only, by one
 //!   without the wake-up part (count deltas only): the baseline for the wake-up's cost.
 //!
-//! Every cell starts from an empty table (TRUNCATE) and discards a warm-up fifth of its time.
+//! Every cell starts from an empty table (TRUNCATE) after a CHECKPOINT, and discards a warm-up
+//! fifth of its time. The cells that are compared run back to back: for each connection count
+//! and method the three wake-up states follow each other, in an order that rotates from round to
+//! round (`--rounds`), so that drift of the machine (checkpoints, page cache, the other
+//! tenants of a shared host) spreads over all three instead of biasing one. The wake-up cost is
+//! the median over rounds of `1 - busy / no-wakeup` paired within a round.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -74,6 +79,8 @@ impl Wake {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EnqueueCell {
+    /// The round (0-based) this cell ran in.
+    pub round: usize,
     pub method: Method,
     pub wake: Wake,
     pub conns: usize,
@@ -151,6 +158,9 @@ async fn cell(
     sqlx::query("TRUNCATE outbox.messages, outbox.topic_counts")
         .execute(&db.pool)
         .await?;
+    // Every cell starts right after a checkpoint, so none of them pays for one more than the
+    // others (full-page writes follow each checkpoint).
+    sqlx::query("CHECKPOINT").execute(&db.pool).await?;
     let pool = PgPoolOptions::new()
         .max_connections(conns as u32)
         .min_connections(conns as u32)
@@ -199,6 +209,7 @@ async fn cell(
     }
     pool.close().await;
     Ok(EnqueueCell {
+        round: 0,
         method,
         wake,
         conns,
@@ -256,36 +267,50 @@ pub async fn enqueue_bench(o: &Opts) -> anyhow::Result<Vec<EnqueueCell>> {
 }
 
 async fn enqueue_inner(o: &Opts, db: &BenchDb) -> anyhow::Result<Vec<EnqueueCell>> {
+    // The trigger as shipped, to put back after each no-wakeup cell.
+    let shipped: String =
+        sqlx::query_scalar("SELECT pg_get_functiondef('outbox.after_insert()'::regprocedure)")
+            .fetch_one(&db.pool)
+            .await?;
     let mut cells = Vec::new();
-    for wake in Wake::ALL {
-        let sleeper = match wake {
-            Wake::Sleeping => Some(Sleeper::start(db).await?),
-            Wake::NoWakeup => {
-                sqlx::query(NO_WAKEUP_TRIGGER).execute(&db.pool).await?;
-                None
-            }
-            Wake::Busy => None,
-        };
+    let mut notified = 0;
+    for round in 0..o.rounds {
         for &conns in &o.enqueue_conns {
             for method in Method::ALL {
-                let c = cell(db, o, method, wake, conns).await?;
-                eprintln!(
-                    "  enqueue {:>9} {:>2} conn(s) {:<34} {:>9.0} rows/s",
-                    wake.label(),
-                    conns,
-                    method.label(),
-                    c.rows_per_sec
-                );
-                cells.push(c);
+                for i in 0..Wake::ALL.len() {
+                    let wake = Wake::ALL[(i + round) % Wake::ALL.len()];
+                    let sleeper = match wake {
+                        Wake::Sleeping => Some(Sleeper::start(db).await?),
+                        Wake::NoWakeup => {
+                            sqlx::query(NO_WAKEUP_TRIGGER).execute(&db.pool).await?;
+                            None
+                        }
+                        Wake::Busy => None,
+                    };
+                    let c = cell(db, o, method, wake, conns).await;
+                    if let Some(s) = sleeper {
+                        notified += s.stop(db).await?;
+                    }
+                    if wake == Wake::NoWakeup {
+                        sqlx::query(&shipped).execute(&db.pool).await?;
+                    }
+                    let c = EnqueueCell { round, ..c? };
+                    eprintln!(
+                        "  enqueue round {} {:>9} {:>2} conn(s) {:<34} {:>9.0} rows/s",
+                        round + 1,
+                        wake.label(),
+                        conns,
+                        method.label(),
+                        c.rows_per_sec
+                    );
+                    cells.push(c);
+                }
             }
         }
-        if let Some(s) = sleeper {
-            let notified = s.stop(db).await?;
-            anyhow::ensure!(
-                notified > 0,
-                "the sleeping-relay cells received no NOTIFY: the wake-up trigger did not fire"
-            );
-        }
     }
+    anyhow::ensure!(
+        notified > 0,
+        "the sleeping-relay cells received no NOTIFY: the wake-up trigger did not fire"
+    );
     Ok(cells)
 }

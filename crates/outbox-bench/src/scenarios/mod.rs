@@ -18,6 +18,8 @@ pub struct Opts {
     pub batch_size: u32,
     pub workers: u32,
     pub repeat: usize,
+    /// Interleaved rounds of the enqueue and scale scenarios.
+    pub rounds: usize,
     pub relays: Vec<usize>,
     /// Distinct keys of the scale scenario's backlogs.
     pub keys: u64,

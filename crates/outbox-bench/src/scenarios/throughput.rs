@@ -119,6 +119,8 @@ impl DrainSpec {
 #[derive(Debug, Clone, Serialize)]
 pub struct DrainResult {
     pub sink: String,
+    /// The scale scenario's round (0-based); 0 for the drain scenario.
+    pub round: usize,
     pub relays: usize,
     /// Distinct keys over the backlog (0: none).
     pub keys: u64,
@@ -209,6 +211,7 @@ async fn drain_inner(
     let stored = dest.stored().await?;
     Ok(DrainResult {
         sink: broker.kind().to_string(),
+        round: 0,
         relays: spec.relays,
         keys: spec.keys,
         ordering: spec.ordering,

@@ -65,6 +65,32 @@ SELECT c.* FROM cand c
     };
 }
 
+/// Steps 2 and 3 of the plain form, where `cand` is the oldest rows of the whole table in `id`
+/// order: every row up to the last candidate was visited by `cand`'s scan, so the rows of the
+/// owned slots up to that id that are not candidates (locked by another relay or worker, delayed,
+/// waiting for a retry, of an excluded topic, of a parked or blocked key) are found by one
+/// second pass over the same `id` range, not by index probes per key. `gaps` holds, per key
+/// with such a row, the oldest one; every candidate of the key from it on is dropped. A key's
+/// rows all share its slot, so the pass reads the owned slots only; rows above the last
+/// candidate cannot precede any candidate. The same rule as `ordered_tail`, at a fraction of
+/// its cost: one range pass instead of one or two index probes per key of the batch.
+macro_rules! ordered_gaps_tail {
+    () => {
+        "gaps AS (
+  SELECT e.key, min(e.id) AS first_outside
+    FROM outbox.messages e
+   WHERE e.id <= (SELECT max(c.id) FROM cand c)
+     AND e.slot = ANY($3::smallint[])
+     AND e.id NOT IN (SELECT c.id FROM cand c)
+   GROUP BY e.key
+)
+SELECT c.* FROM cand c
+  LEFT JOIN gaps g ON g.key = c.key
+ WHERE g.first_outside IS NULL OR c.id < g.first_outside
+ ORDER BY c.id"
+    };
+}
+
 /// One statement, one snapshot, one round trip:
 ///
 /// 1. `cand`: the oldest available rows that are unkeyed or in an owned slot, whose key is not
@@ -74,7 +100,8 @@ SELECT c.* FROM cand c
 /// 2. `first_outside`: per key in `cand`, the oldest row of the key that is NOT in `cand`
 ///    (waiting for a retry, delayed, locked by another relay that still has it in flight, or
 ///    enqueued after the scan). Rows of the key from that one on are dropped: they stay locked
-///    until this transaction ends and are left untouched.
+///    until this transaction ends and are left untouched. Here found by `gaps` (see
+///    `ordered_gaps_tail`): rows enqueued after the scan have higher ids than every candidate.
 ///
 /// So every keyed row returned has all earlier rows of its key in the same batch, and the
 /// batch returns, per key, a prefix of the key's waiting rows.
@@ -96,13 +123,14 @@ cand AS MATERIALIZED (
      FOR UPDATE OF m SKIP LOCKED
 ),
 ",
-    ordered_tail!()
+    ordered_gaps_tail!()
 );
 
 /// [`ORDERED_CLAIM_SQL`] while some topics are excluded (a sink's circuit is open): `cand` is
 /// taken per active topic from `messages_topic_id_idx`, so a down sink's backlog at the head of
-/// the table is not walked on every claim (see `db::ACTIVE_TOPICS_SQL`). Steps 2 and 3 are the
-/// same, so the order is kept exactly as in the plain form.
+/// the table is not walked on every claim (see `db::ACTIVE_TOPICS_SQL`). Step 2 is the same rule
+/// with index probes per key (`ordered_tail`): a pass over the `id` range up to the last
+/// candidate would walk that backlog after all.
 static ORDERED_CLAIM_EXCLUDING_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH {active}, {blocked},
