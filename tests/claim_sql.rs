@@ -124,7 +124,13 @@ async fn ordered_claim_cuts_each_key_at_its_first_unclaimable_row() {
     let later = chrono::Utc::now() + chrono::Duration::hours(1);
     let mut batch = Vec::new();
     for i in 0..6 {
-        for key in ["free", "locked_mid", "locked_head", "delayed_mid", "retry_head"] {
+        for key in [
+            "free",
+            "locked_mid",
+            "locked_head",
+            "delayed_mid",
+            "retry_head",
+        ] {
             let mut m = Message::bytes("t.x", format!("{key}{i}").into_bytes()).key(key);
             if key == "delayed_mid" && i == 3 {
                 m = m.available_at(later);
@@ -139,11 +145,13 @@ async fn ordered_claim_cuts_each_key_at_its_first_unclaimable_row() {
     let ids_of = |key: &'static str| {
         let pool = db.pool.clone();
         async move {
-            sqlx::query_scalar::<_, i64>("SELECT id FROM outbox.messages WHERE key = $1 ORDER BY id")
-                .bind(key)
-                .fetch_all(&pool)
-                .await
-                .unwrap()
+            sqlx::query_scalar::<_, i64>(
+                "SELECT id FROM outbox.messages WHERE key = $1 ORDER BY id",
+            )
+            .bind(key)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
         }
     };
     let (free, locked_mid, locked_head, delayed_mid) = (
@@ -179,21 +187,33 @@ async fn ordered_claim_cuts_each_key_at_its_first_unclaimable_row() {
             .map(|r| r.id)
             .collect()
     };
-    assert_eq!(got("free"), free, "a key with nothing in its way: every row");
+    assert_eq!(
+        got("free"),
+        free,
+        "a key with nothing in its way: every row"
+    );
     assert_eq!(got("locked_mid"), locked_mid[..2], "cut at the locked row");
     assert!(got("locked_head").is_empty(), "head locked: nothing");
-    assert_eq!(got("delayed_mid"), delayed_mid[..3], "cut at the delayed row");
-    assert!(got("retry_head").is_empty(), "head waiting for a retry: nothing");
+    assert_eq!(
+        got("delayed_mid"),
+        delayed_mid[..3],
+        "cut at the delayed row"
+    );
+    assert!(
+        got("retry_head").is_empty(),
+        "head waiting for a retry: nothing"
+    );
     assert_eq!(rows.iter().filter(|r| r.key.is_none()).count(), 6);
     assert!(rows.windows(2).all(|w| w[0].id < w[1].id), "id order");
     tx.rollback().await.unwrap();
 
     // With a batch limit that ends inside the keys, and only some slots owned, each key is
     // still a prefix and no key of a slot not owned comes back.
-    let slot_of: i16 = sqlx::query_scalar("SELECT slot FROM outbox.messages WHERE key = 'free' LIMIT 1")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let slot_of: i16 =
+        sqlx::query_scalar("SELECT slot FROM outbox.messages WHERE key = 'free' LIMIT 1")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     let mut tx = db.pool.begin().await.unwrap();
     let rows = ordering::sql::claim(&mut tx, 10, &[], &[slot_of])
         .await

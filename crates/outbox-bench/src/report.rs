@@ -538,7 +538,9 @@ impl Report {
                 );
             }
             if !self.scale_ratios.is_empty() {
-                println!("ordered / unordered (median of the rounds' ratios; medians of the rates):");
+                println!(
+                    "ordered / unordered (median of the rounds' ratios; medians of the rates):"
+                );
                 for r in &self.scale_ratios {
                     println!(
                         "{:<7} {:<6} {:>8.1}%  ({:.0} / {:.0} msg/s; rounds {})",
