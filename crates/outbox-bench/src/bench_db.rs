@@ -65,28 +65,28 @@ impl BenchDb {
         topic: &str,
         keys: u64,
     ) -> anyhow::Result<()> {
-        const CHUNK: u64 = 20_000;
-        // md5 gives 16 bytes per call; repeat enough of them and cut to size.
-        let repeats = payload_bytes.div_ceil(16).max(1);
-        let mut done = 0;
-        while done < n {
-            let count = CHUNK.min(n - done);
-            sqlx::query(&format!(
-                "INSERT INTO outbox.messages (topic, key, payload)
-                 SELECT $1,
-                        CASE WHEN $4::bigint > 0 THEN 'k' || ((g + $2::bigint) % $4::bigint) END,
-                        substring(decode(repeat(md5(g::text || $2::text), {repeats}), 'hex') FROM 1 FOR {payload_bytes})
-                   FROM generate_series(1, $3::bigint) g"
-            ))
-            .bind(topic)
-            .bind(done as i64)
-            .bind(count as i64)
-            .bind(keys as i64)
+        let mut conn = self.pool.acquire().await?;
+        insert_backlog(&mut conn, n, payload_bytes, topic, keys).await?;
+        drop(conn);
+        self.vacuum().await
+    }
+
+    /// The same backlog as [`BenchDb::preload`], committed at once (one transaction) while
+    /// relays are already running, then ANALYZE (no VACUUM: the relays are reading the table).
+    pub async fn preload_at_once(
+        &self,
+        n: u64,
+        payload_bytes: usize,
+        topic: &str,
+        keys: u64,
+    ) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        insert_backlog(&mut tx, n, payload_bytes, topic, keys).await?;
+        tx.commit().await?;
+        sqlx::query("ANALYZE outbox.messages")
             .execute(&self.pool)
             .await?;
-            done += count;
-        }
-        self.vacuum().await
+        Ok(())
     }
 
     pub async fn vacuum(&self) -> anyhow::Result<()> {
@@ -114,6 +114,37 @@ impl BenchDb {
         self.pool.close().await;
         drop_database(&self.admin_url, &self.name).await;
     }
+}
+
+async fn insert_backlog(
+    conn: &mut sqlx::PgConnection,
+    n: u64,
+    payload_bytes: usize,
+    topic: &str,
+    keys: u64,
+) -> anyhow::Result<()> {
+    const CHUNK: u64 = 20_000;
+    // md5 gives 16 bytes per call; repeat enough of them and cut to size.
+    let repeats = payload_bytes.div_ceil(16).max(1);
+    let mut done = 0;
+    while done < n {
+        let count = CHUNK.min(n - done);
+        sqlx::query(&format!(
+            "INSERT INTO outbox.messages (topic, key, payload)
+             SELECT $1,
+                    CASE WHEN $4::bigint > 0 THEN 'k' || ((g + $2::bigint) % $4::bigint) END,
+                    substring(decode(repeat(md5(g::text || $2::text), {repeats}), 'hex') FROM 1 FOR {payload_bytes})
+               FROM generate_series(1, $3::bigint) g"
+        ))
+        .bind(topic)
+        .bind(done as i64)
+        .bind(count as i64)
+        .bind(keys as i64)
+        .execute(&mut *conn)
+        .await?;
+        done += count;
+    }
+    Ok(())
 }
 
 async fn drop_database(admin_url: &str, name: &str) {

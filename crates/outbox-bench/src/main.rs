@@ -88,6 +88,10 @@ pub struct Cli {
     /// [default: 3; quick: 2].
     #[arg(long)]
     rounds: Option<usize>,
+    /// The scale scenario's ordering modes: off (unordered), on (ordered); both by default.
+    /// One alone is for profiling a mode; the ratio needs both.
+    #[arg(long, value_delimiter = ',', default_value = "off,on", value_parser = ["off", "on"])]
+    scale_modes: Vec<String>,
     /// Relay process counts for the scale scenario.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     relays: Vec<usize>,
@@ -365,11 +369,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         for round in 0..o.rounds {
             for b in &brokers {
                 for &relays in &o.relays {
-                    let modes = if round % 2 == 0 {
-                        [false, true]
-                    } else {
-                        [true, false]
-                    };
+                    let mut modes: Vec<bool> = [false, true]
+                        .into_iter()
+                        .filter(|m| cli.scale_modes.iter().any(|s| (s == "on") == *m))
+                        .collect();
+                    if round % 2 == 1 {
+                        modes.reverse();
+                    }
                     for ordering in modes {
                         eprintln!(
                             "scale round {}/{}: {relays} relay(s) through {}, {} keys, ordering {}",
@@ -383,6 +389,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             relays,
                             keys: o.keys,
                             ordering,
+                            settle: true,
                         };
                         let mut d = scenarios::throughput::drain(&o, b.as_ref(), spec).await?;
                         d.round = round;

@@ -103,6 +103,11 @@ pub struct DrainSpec {
     pub keys: u64,
     /// The relays' `[ordering] enabled`.
     pub ordering: bool,
+    /// Start the relays on an empty outbox, wait until they have settled (each registered
+    /// and, in ordered mode, the slots spread evenly over them), then commit the backlog at
+    /// once: the rate measured is the relays' steady rate, not their start-up (a relay that
+    /// joins gets its share of the slots only after a heartbeat or two, `lease_ms`).
+    pub settle: bool,
 }
 
 impl DrainSpec {
@@ -112,6 +117,7 @@ impl DrainSpec {
             relays: 1,
             keys: 0,
             ordering: outbox_relay::ordering::defaults::ENABLED,
+            settle: false,
         }
     }
 }
@@ -143,12 +149,56 @@ pub struct DrainResult {
     pub broker_stored: u64,
 }
 
+/// Waits until every relay has registered and, in ordered mode, the slots are spread over all of
+/// them (each owns `floor` or `ceil` of `SLOTS / relays`).
+async fn settle(
+    db: &BenchDb,
+    procs: &mut [crate::relay_proc::RelayProcess],
+    spec: DrainSpec,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let live: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox.relays")
+            .fetch_one(&db.pool)
+            .await?;
+        let settled = live == spec.relays as i64
+            && (!spec.ordering || {
+                let owned: Vec<i64> = sqlx::query_scalar(
+                    "SELECT count(*) FROM outbox.partition_leases
+                      WHERE relay_id IS NOT NULL AND expires_at > now() GROUP BY relay_id",
+                )
+                .fetch_all(&db.pool)
+                .await?;
+                let share = outbox_relay::ordering::SLOTS / spec.relays;
+                owned.len() == spec.relays
+                    && owned.iter().sum::<i64>() == outbox_relay::ordering::SLOTS as i64
+                    && owned
+                        .iter()
+                        .all(|&n| n as usize == share || n as usize == share + 1)
+            });
+        if settled {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} relay(s) did not settle within 60 s ({live} registered)",
+            spec.relays
+        );
+        for p in procs.iter_mut() {
+            p.check_alive()?;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Drains a preloaded backlog through relay processes publishing to `broker`.
 pub async fn drain(o: &Opts, broker: &dyn Broker, spec: DrainSpec) -> anyhow::Result<DrainResult> {
     let run = unique("d").replace('_', "");
     let db = BenchDb::create(&o.database_url, &format!("drain_{}", broker.kind())).await?;
-    db.preload(o.messages, o.payload_bytes, TOPIC, spec.keys)
-        .await?;
+    if !spec.settle {
+        db.preload(o.messages, o.payload_bytes, TOPIC, spec.keys)
+            .await?;
+    }
     let dest = broker.prepare(&run).await?;
     let result = drain_inner(o, broker, spec, &db, &*dest, &run).await;
     dest.cleanup().await;
@@ -172,6 +222,11 @@ async fn drain_inner(
             o.launcher
                 .start(&format!("{run}-relay{i}"), &db.url, &sinks, spec.ordering)?,
         );
+    }
+    if spec.settle {
+        settle(db, &mut procs, spec).await?;
+        db.preload_at_once(o.messages, o.payload_bytes, TOPIC, spec.keys)
+            .await?;
     }
     let n = o.messages as i64;
     let deadline = spawned + o.drain_timeout();
