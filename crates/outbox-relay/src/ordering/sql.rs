@@ -72,14 +72,16 @@ SELECT c.* FROM cand c
 /// second pass over the same `id` range, not by index probes per key. `gaps` holds, per key
 /// with such a row, the oldest one; every candidate of the key from it on is dropped. A key's
 /// rows all share its slot, so the pass reads the owned slots only; rows above the last
-/// candidate cannot precede any candidate. The same rule as `ordered_tail`, at a fraction of
-/// its cost: one range pass instead of one or two index probes per key of the batch.
+/// candidate cannot precede any candidate, and only keyed candidates need the check, so the pass
+/// ends at the last keyed candidate and is skipped (`id <= NULL`) for a batch without keys. The
+/// same rule as `ordered_tail`, at a fraction of its cost: one range pass instead of one or two
+/// index probes per key of the batch.
 macro_rules! ordered_gaps_tail {
     () => {
         "gaps AS (
   SELECT e.key, min(e.id) AS first_outside
     FROM outbox.messages e
-   WHERE e.id <= (SELECT max(c.id) FROM cand c)
+   WHERE e.id <= (SELECT max(c.id) FROM cand c WHERE c.key IS NOT NULL)
      AND e.slot = ANY($3::smallint[])
      AND e.id NOT IN (SELECT c.id FROM cand c)
    GROUP BY e.key
