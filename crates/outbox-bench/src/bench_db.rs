@@ -55,38 +55,33 @@ impl BenchDb {
     }
 
     /// Inserts `n` messages on topic `topic` with `payload_bytes`-byte payloads (distinct
-    /// contents, incompressible hex-derived bytes) in chunks, then VACUUM ANALYZE, so every
-    /// drain starts from the same table state. With `keys` above 0, message `g` gets the key
-    /// `k<g mod keys>` (keys interleaved, each with about `n / keys` messages); otherwise none.
+    /// contents, incompressible hex-derived bytes). With `keys` above 0, message `g` gets the
+    /// key `k<g mod keys>` (keys interleaved, each with about `n / keys` messages); otherwise
+    /// none.
+    ///
+    /// [`Load::Vacuumed`]: in chunks, then VACUUM ANALYZE, so every drain starts from the same
+    /// table state. [`Load::AtOnce`]: committed in one transaction (for relays that are already
+    /// running), then ANALYZE only, since the relays are reading the table.
     pub async fn preload(
         &self,
         n: u64,
         payload_bytes: usize,
         topic: &str,
         keys: u64,
-    ) -> anyhow::Result<()> {
-        let mut conn = self.pool.acquire().await?;
-        insert_backlog(&mut conn, n, payload_bytes, topic, keys).await?;
-        drop(conn);
-        self.vacuum().await
-    }
-
-    /// The same backlog as [`BenchDb::preload`], committed at once (one transaction) while
-    /// relays are already running, then ANALYZE (no VACUUM: the relays are reading the table).
-    pub async fn preload_at_once(
-        &self,
-        n: u64,
-        payload_bytes: usize,
-        topic: &str,
-        keys: u64,
+        load: Load,
     ) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
         insert_backlog(&mut tx, n, payload_bytes, topic, keys).await?;
         tx.commit().await?;
-        sqlx::query("ANALYZE outbox.messages")
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        match load {
+            Load::Vacuumed => self.vacuum().await,
+            Load::AtOnce => {
+                sqlx::query("ANALYZE outbox.messages")
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+        }
     }
 
     pub async fn vacuum(&self) -> anyhow::Result<()> {
@@ -114,6 +109,13 @@ impl BenchDb {
         self.pool.close().await;
         drop_database(&self.admin_url, &self.name).await;
     }
+}
+
+/// How [`BenchDb::preload`] leaves the backlog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Load {
+    Vacuumed,
+    AtOnce,
 }
 
 async fn insert_backlog(

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::Opts;
-use crate::bench_db::{unique, BenchDb};
+use crate::bench_db::{unique, BenchDb, Load};
 use crate::brokers::{Broker, TOPIC};
 use crate::machine;
 use crate::relay_proc::RelayUsage;
@@ -32,7 +32,8 @@ pub struct CeilingResult {
 
 pub async fn ceiling(o: &Opts) -> anyhow::Result<CeilingResult> {
     let db = BenchDb::create(&o.database_url, "ceiling").await?;
-    db.preload(o.messages, o.payload_bytes, TOPIC, 0).await?;
+    db.preload(o.messages, o.payload_bytes, TOPIC, 0, Load::Vacuumed)
+        .await?;
     let pool = outbox_relay::db::connect(
         &db.url,
         o.workers + 2,
@@ -196,7 +197,7 @@ pub async fn drain(o: &Opts, broker: &dyn Broker, spec: DrainSpec) -> anyhow::Re
     let run = unique("d").replace('_', "");
     let db = BenchDb::create(&o.database_url, &format!("drain_{}", broker.kind())).await?;
     if !spec.settle {
-        db.preload(o.messages, o.payload_bytes, TOPIC, spec.keys)
+        db.preload(o.messages, o.payload_bytes, TOPIC, spec.keys, Load::Vacuumed)
             .await?;
     }
     let dest = broker.prepare(&run).await?;
@@ -225,7 +226,7 @@ async fn drain_inner(
     }
     if spec.settle {
         settle(db, &mut procs, spec).await?;
-        db.preload_at_once(o.messages, o.payload_bytes, TOPIC, spec.keys)
+        db.preload(o.messages, o.payload_bytes, TOPIC, spec.keys, Load::AtOnce)
             .await?;
     }
     let n = o.messages as i64;
