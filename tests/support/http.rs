@@ -57,11 +57,20 @@ pub fn metric(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     found
 }
 
-/// Scrapes `/metrics`; panics when the server does not answer 200.
+/// Scrapes `/metrics`; panics when the server does not answer 200 within 10 s. A relay that
+/// just started hands its port from the start-up server (served while it connects) to the full
+/// one, and a connection attempt in between is refused: retried, as a scraper's next interval
+/// would.
 pub async fn scrape(addr: &str) -> String {
-    match get(addr, "/metrics").await {
-        Some((200, body)) => body,
-        other => panic!("GET {addr}/metrics failed: {other:?}"),
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match get(addr, "/metrics").await {
+            Some((200, body)) => return body,
+            None if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            other => panic!("GET {addr}/metrics failed: {other:?}"),
+        }
     }
 }
 

@@ -197,8 +197,14 @@ pub async fn drain(o: &Opts, broker: &dyn Broker, spec: DrainSpec) -> anyhow::Re
     let run = unique("d").replace('_', "");
     let db = BenchDb::create(&o.database_url, &format!("drain_{}", broker.kind())).await?;
     if !spec.settle {
-        db.preload(o.messages, o.payload_bytes, TOPIC, spec.keys, Load::Vacuumed)
-            .await?;
+        db.preload(
+            o.messages,
+            o.payload_bytes,
+            TOPIC,
+            spec.keys,
+            Load::Vacuumed,
+        )
+        .await?;
     }
     let dest = broker.prepare(&run).await?;
     let result = drain_inner(o, broker, spec, &db, &*dest, &run).await;
