@@ -366,17 +366,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         // Each ordered drain runs right next to the unordered drain it is compared with (the
         // order of the two alternates from round to round), so the ratio of a pair is measured
         // under the same conditions; the report gives the median of the paired ratios.
+        let modes: Vec<bool> = [false, true]
+            .into_iter()
+            .filter(|m| cli.scale_modes.iter().any(|s| (s == "on") == *m))
+            .collect();
         for round in 0..o.rounds {
             for b in &brokers {
                 for &relays in &o.relays {
-                    let mut modes: Vec<bool> = [false, true]
-                        .into_iter()
-                        .filter(|m| cli.scale_modes.iter().any(|s| (s == "on") == *m))
-                        .collect();
-                    if round % 2 == 1 {
-                        modes.reverse();
-                    }
-                    for ordering in modes {
+                    let order: Vec<bool> = if round % 2 == 1 {
+                        modes.iter().rev().copied().collect()
+                    } else {
+                        modes.clone()
+                    };
+                    for ordering in order {
                         eprintln!(
                             "scale round {}/{}: {relays} relay(s) through {}, {} keys, ordering {}",
                             round + 1,

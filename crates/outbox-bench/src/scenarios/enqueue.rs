@@ -151,6 +151,7 @@ async fn one_op(pool: &PgPool, method: Method, payload: &[u8]) -> Result<u64, sq
 async fn cell(
     db: &BenchDb,
     o: &Opts,
+    round: usize,
     method: Method,
     wake: Wake,
     conns: usize,
@@ -209,7 +210,7 @@ async fn cell(
     }
     pool.close().await;
     Ok(EnqueueCell {
-        round: 0,
+        round,
         method,
         wake,
         conns,
@@ -287,14 +288,14 @@ async fn enqueue_inner(o: &Opts, db: &BenchDb) -> anyhow::Result<Vec<EnqueueCell
                         }
                         Wake::Busy => None,
                     };
-                    let c = cell(db, o, method, wake, conns).await;
+                    let c = cell(db, o, round, method, wake, conns).await;
                     if let Some(s) = sleeper {
                         notified += s.stop(db).await?;
                     }
                     if wake == Wake::NoWakeup {
                         sqlx::query(&shipped).execute(&db.pool).await?;
                     }
-                    let c = EnqueueCell { round, ..c? };
+                    let c = c?;
                     eprintln!(
                         "  enqueue round {} {:>9} {:>2} conn(s) {:<34} {:>9.0} rows/s",
                         round + 1,
