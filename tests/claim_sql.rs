@@ -7,7 +7,7 @@
 mod support;
 
 use outbox_client::{enqueue_many, Message};
-use outbox_relay::{db, ordering};
+use outbox_relay::store;
 use support::*;
 
 async fn fill(db: &TestDb) {
@@ -25,12 +25,12 @@ async fn fill(db: &TestDb) {
     enqueue_many(&mut db.pool.acquire().await.unwrap(), &batch)
         .await
         .unwrap();
-    db::compact_counts(&mut db.pool.acquire().await.unwrap())
+    store::compact_counts(&mut db.pool.acquire().await.unwrap())
         .await
         .unwrap();
 }
 
-fn assert_claimed(rows: &[outbox_relay::sinks::OutboxRow], limit: usize) {
+fn assert_claimed(rows: &[outbox_relay::message::OutboxRow], limit: usize) {
     assert!(
         !rows.is_empty() && rows.len() <= limit,
         "{} rows",
@@ -59,7 +59,7 @@ async fn claims_with_an_excluded_topic_serve_every_other_topic_oldest_first() {
     let excluded = vec!["down.x".to_string()];
 
     let mut tx = db.pool.begin().await.unwrap();
-    let rows = db::claim(&mut tx, 20, &excluded).await.unwrap();
+    let rows = store::claim(&mut tx, 20, &excluded).await.unwrap();
     assert_claimed(&rows, 20);
     // Each active topic's share is its oldest rows.
     for topic in ["a.x", "b.x"] {
@@ -80,9 +80,9 @@ async fn claims_with_an_excluded_topic_serve_every_other_topic_oldest_first() {
     tx.rollback().await.unwrap();
 
     // Ordered: all slots owned; b.x's keyed rows come as per-key prefixes.
-    let slots: Vec<i16> = (0..ordering::SLOTS as i16).collect();
+    let slots: Vec<i16> = (0..store::SLOTS as i16).collect();
     let mut tx = db.pool.begin().await.unwrap();
-    let rows = ordering::sql::claim(&mut tx, 20, &excluded, &slots)
+    let rows = store::claim_ordered(&mut tx, 20, &excluded, &slots)
         .await
         .unwrap();
     assert_claimed(&rows, 20);
@@ -103,10 +103,10 @@ async fn claims_with_an_excluded_topic_serve_every_other_topic_oldest_first() {
         assert_eq!(got, prefix, "key {key}: a prefix of its rows");
     }
     // The idle poll agrees: something is claimable outside down.x, nothing when all is excluded.
-    assert!(db::any_available(&mut *tx, &excluded).await.unwrap());
+    assert!(store::any_available(&mut *tx, &excluded).await.unwrap());
     let everything = vec!["down.x".into(), "a.x".into(), "b.x".into()];
-    assert!(!db::any_available(&mut *tx, &everything).await.unwrap());
-    assert!(db::claim(&mut tx, 20, &everything)
+    assert!(!store::any_available(&mut *tx, &everything).await.unwrap());
+    assert!(store::claim(&mut tx, 20, &everything)
         .await
         .unwrap()
         .is_empty());
@@ -176,9 +176,9 @@ async fn ordered_claim_cuts_each_key_at_its_first_unclaimable_row() {
         .await
         .unwrap();
 
-    let slots: Vec<i16> = (0..ordering::SLOTS as i16).collect();
+    let slots: Vec<i16> = (0..store::SLOTS as i16).collect();
     let mut tx = db.pool.begin().await.unwrap();
-    let rows = ordering::sql::claim(&mut tx, 1000, &[], &slots)
+    let rows = store::claim_ordered(&mut tx, 1000, &[], &slots)
         .await
         .unwrap();
     let got = |key: &str| -> Vec<i64> {
@@ -215,7 +215,7 @@ async fn ordered_claim_cuts_each_key_at_its_first_unclaimable_row() {
             .await
             .unwrap();
     let mut tx = db.pool.begin().await.unwrap();
-    let rows = ordering::sql::claim(&mut tx, 10, &[], &[slot_of])
+    let rows = store::claim_ordered(&mut tx, 10, &[], &[slot_of])
         .await
         .unwrap();
     assert!(!rows.is_empty() && rows.len() <= 10);

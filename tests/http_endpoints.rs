@@ -198,7 +198,7 @@ async fn readiness_is_served_while_the_database_is_unreachable_at_start() {
         .await
         .unwrap();
     let pool = sqlx::PgPool::connect(db_url.as_str()).await.unwrap();
-    outbox_relay::db::migrate(&pool).await.unwrap();
+    outbox_relay::store::migrate(&pool).await.unwrap();
     pool.close().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut ready = None;

@@ -1,7 +1,7 @@
-//! The lag counts (`outbox.topic_counts` deltas, read by `db::lag`) stay exact while enqueuers,
+//! The lag counts (`outbox.topic_counts` deltas, read by `store::lag`) stay exact while enqueuers,
 //! relay deletes (mark sent, retention moves, dead letters, retries, rollbacks) and count
 //! compaction all run concurrently. Checked two ways: in any single snapshot the deltas add up
-//! to `COUNT(*)` per topic, and at the end `db::lag` equals `COUNT(*)` per topic.
+//! to `COUNT(*)` per topic, and at the end `store::lag` equals `COUNT(*)` per topic.
 
 mod support;
 
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outbox_client::{enqueue_many, Message};
-use outbox_relay::db;
+use outbox_relay::store;
 use support::*;
 
 const TOPICS: [&str; 3] = ["lag.a", "lag.b", "lag.c"];
@@ -94,7 +94,7 @@ async fn lag_counts_stay_exact_under_concurrent_enqueue_delete_and_compaction() 
             loop {
                 round += 1;
                 let mut tx = pool.begin().await.unwrap();
-                let rows = db::claim(&mut tx, 40, &[]).await.unwrap();
+                let rows = store::claim(&mut tx, 40, &[]).await.unwrap();
                 if rows.is_empty() {
                     tx.commit().await.unwrap();
                     if done.load(Ordering::Acquire) {
@@ -109,20 +109,20 @@ async fn lag_counts_stay_exact_under_concurrent_enqueue_delete_and_compaction() 
                 let third = ids.len() / 3;
                 let (sent, rest) = ids.split_at(ids.len() - third);
                 let (dead, retry) = rest.split_at(rest.len() / 2);
-                db::mark_sent(&mut tx, sent, (round + w).is_multiple_of(2))
+                store::mark_sent(&mut tx, sent, (round + w).is_multiple_of(2))
                     .await
                     .unwrap();
                 let errors: Vec<String> = dead.iter().map(|_| "rejected".to_string()).collect();
-                db::dead_letter(&mut tx, dead, &errors).await.unwrap();
-                let retries: Vec<db::Retry> = retry
+                store::dead_letter(&mut tx, dead, &errors).await.unwrap();
+                let retries: Vec<store::Retry> = retry
                     .iter()
-                    .map(|&id| db::Retry {
+                    .map(|&id| store::Retry {
                         id,
                         delay: Duration::from_millis(5),
                         error: "nack".into(),
                     })
                     .collect();
-                db::schedule_retries(&mut tx, &retries).await.unwrap();
+                store::schedule_retries(&mut tx, &retries).await.unwrap();
                 if round.is_multiple_of(7) {
                     tx.rollback().await.unwrap(); // a relay crash: rows released, deltas gone
                 } else {
@@ -137,7 +137,7 @@ async fn lag_counts_stay_exact_under_concurrent_enqueue_delete_and_compaction() 
         tokio::spawn(async move {
             while !stop.load(Ordering::Acquire) {
                 let mut conn = pool.acquire().await.unwrap();
-                db::compact_counts(&mut conn).await.unwrap();
+                store::compact_counts(&mut conn).await.unwrap();
                 compactions.fetch_add(1, Ordering::Relaxed);
             }
         })
@@ -176,13 +176,13 @@ async fn lag_counts_stay_exact_under_concurrent_enqueue_delete_and_compaction() 
     let (deltas, real) = counts_in_one_snapshot(&pool).await;
     assert_eq!(deltas, real);
     let mut conn = pool.acquire().await.unwrap();
-    let lag: BTreeMap<String, i64> = db::lag(&mut conn)
+    let lag: BTreeMap<String, i64> = store::lag(&mut conn)
         .await
         .unwrap()
         .into_iter()
         .map(|l| (l.topic, l.waiting))
         .collect();
-    assert_eq!(lag, real, "db::lag must equal COUNT(*) per topic");
+    assert_eq!(lag, real, "store::lag must equal COUNT(*) per topic");
     let total: i64 = real.values().sum();
     assert_eq!(
         total as u64,
@@ -190,7 +190,7 @@ async fn lag_counts_stay_exact_under_concurrent_enqueue_delete_and_compaction() 
         "waiting = committed enqueues - committed removals"
     );
     // After one more compaction, a single delta row per topic remains.
-    db::compact_counts(&mut conn).await.unwrap();
+    store::compact_counts(&mut conn).await.unwrap();
     let delta_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox.topic_counts")
         .fetch_one(&mut *conn)
         .await
@@ -199,7 +199,7 @@ async fn lag_counts_stay_exact_under_concurrent_enqueue_delete_and_compaction() 
         delta_rows as usize <= TOPICS.len(),
         "{delta_rows} delta rows after compaction"
     );
-    let lag_after: BTreeMap<String, i64> = db::lag(&mut conn)
+    let lag_after: BTreeMap<String, i64> = store::lag(&mut conn)
         .await
         .unwrap()
         .into_iter()

@@ -140,7 +140,7 @@ fn metrics_catalogue_documents_every_metric() {
     // The ordering metrics live in their own struct, registered into the same registry.
     use prometheus::core::Collector;
     let ordering =
-        outbox_relay::ordering::OrderingMetrics::new(&prometheus::Registry::new()).unwrap();
+        outbox_relay::metrics::OrderingMetrics::new(&prometheus::Registry::new()).unwrap();
     let descs = [
         ordering.partitions_owned.desc(),
         ordering.held_back_keys.desc(),

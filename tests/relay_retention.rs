@@ -102,7 +102,7 @@ async fn cleanup_deletes_in_bounded_chunks_and_only_expired_rows() {
     let mut conn = db.pool.acquire().await.unwrap();
     let mut chunks = Vec::new();
     loop {
-        let n = outbox_relay::db::cleanup_sent(&mut conn, Duration::from_secs(600), 7)
+        let n = outbox_relay::store::cleanup_sent(&mut conn, Duration::from_secs(600), 7)
             .await
             .unwrap();
         chunks.push(n);

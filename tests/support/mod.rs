@@ -64,7 +64,7 @@ impl TestDb {
     /// A fresh database, migrated.
     pub async fn new() -> Self {
         let db = Self::empty().await;
-        outbox_relay::db::migrate(&db.pool).await.unwrap();
+        outbox_relay::store::migrate(&db.pool).await.unwrap();
         db
     }
 

@@ -202,7 +202,7 @@ impl OwnedPostgres {
             .connect(&url)
             .await
             .unwrap();
-        outbox_relay::db::migrate(&pool).await.unwrap();
+        outbox_relay::store::migrate(&pool).await.unwrap();
         pool.close().await;
         url
     }

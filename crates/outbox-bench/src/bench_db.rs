@@ -44,7 +44,7 @@ impl BenchDb {
             .max_connections(4)
             .connect(&url)
             .await?;
-        outbox_relay::db::migrate(&pool).await?;
+        outbox_relay::store::migrate(&pool).await?;
         Ok(Self {
             name,
             url,

@@ -10,7 +10,7 @@
 //! the relay's migrations and triggers, with ROWS rows of topic `down.t` (the backlog of a sink
 //! that has been down for a while: the oldest ids) followed by 10,000 rows of topic `up.t`, both
 //! keyed (1,000 and 100 keys). Then it times, in rolled-back transactions, batch 500, the
-//! functions the relay runs (`db::claim`, `ordering::sql::claim`):
+//! functions the relay runs (`store::claim`, `store::claim_ordered`):
 //! 1. nothing excluded (every sink up): the scan stops after the batch;
 //! 2. `down.t` excluded (its sink's circuit open): the per-topic form;
 //! 3. for contrast, the plain form with `down.t` excluded, which walks the down sink's backlog;
@@ -19,7 +19,7 @@
 
 use std::time::{Duration, Instant};
 
-use outbox_relay::{db, ordering};
+use outbox_relay::store;
 use sqlx::{Connection, PgConnection};
 
 const BATCH: i64 = 500;
@@ -91,8 +91,8 @@ async fn main() -> anyhow::Result<()> {
 async fn run(url: &str, rows: i64, runs: usize) -> anyhow::Result<()> {
     // The relay's own session settings (jit off, timeouts) except the statement timeout, which
     // the fill would exceed.
-    let pool = db::connect(url, 2, Duration::from_secs(10), Duration::ZERO).await?;
-    db::migrate(&pool).await?;
+    let pool = store::connect(url, 2, Duration::from_secs(10), Duration::ZERO).await?;
+    store::migrate(&pool).await?;
     let started = Instant::now();
     sqlx::query(
         "INSERT INTO outbox.messages (topic, key, payload)
@@ -113,7 +113,7 @@ async fn run(url: &str, rows: i64, runs: usize) -> anyhow::Result<()> {
         .execute(&pool)
         .await?;
     let mut conn = pool.acquire().await?;
-    db::compact_counts(&mut conn).await?;
+    store::compact_counts(&mut conn).await?;
     drop(conn);
     println!(
         "filled {rows} rows of down.t + 10000 rows of up.t in {:.0} s",
@@ -130,7 +130,7 @@ async fn run(url: &str, rows: i64, runs: usize) -> anyhow::Result<()> {
     report(
         "unordered, nothing excluded",
         time_claims(&pool, runs, |c| {
-            Box::pin(async move { Ok(db::claim(c, BATCH, &[]).await?.len()) })
+            Box::pin(async move { Ok(store::claim(c, BATCH, &[]).await?.len()) })
         })
         .await?,
     );
@@ -138,7 +138,7 @@ async fn run(url: &str, rows: i64, runs: usize) -> anyhow::Result<()> {
         "ordered (256 slots), nothing excluded",
         time_claims(&pool, runs, |c| {
             let s = all_slots.clone();
-            Box::pin(async move { Ok(ordering::sql::claim(c, BATCH, &[], &s).await?.len()) })
+            Box::pin(async move { Ok(store::claim_ordered(c, BATCH, &[], &s).await?.len()) })
         })
         .await?,
     );
@@ -146,7 +146,7 @@ async fn run(url: &str, rows: i64, runs: usize) -> anyhow::Result<()> {
         "ordered (64 slots), nothing excluded",
         time_claims(&pool, runs, |c| {
             let s = quarter.clone();
-            Box::pin(async move { Ok(ordering::sql::claim(c, BATCH, &[], &s).await?.len()) })
+            Box::pin(async move { Ok(store::claim_ordered(c, BATCH, &[], &s).await?.len()) })
         })
         .await?,
     );
@@ -154,7 +154,7 @@ async fn run(url: &str, rows: i64, runs: usize) -> anyhow::Result<()> {
         "unordered, down.t excluded (per-topic form)",
         time_claims(&pool, runs, |c| {
             let d = down.clone();
-            Box::pin(async move { Ok(db::claim(c, BATCH, &d).await?.len()) })
+            Box::pin(async move { Ok(store::claim(c, BATCH, &d).await?.len()) })
         })
         .await?,
     );
@@ -162,7 +162,7 @@ async fn run(url: &str, rows: i64, runs: usize) -> anyhow::Result<()> {
         "ordered (256 slots), down.t excluded (per-topic)",
         time_claims(&pool, runs, |c| {
             let (d, s) = (down.clone(), all_slots.clone());
-            Box::pin(async move { Ok(ordering::sql::claim(c, BATCH, &d, &s).await?.len()) })
+            Box::pin(async move { Ok(store::claim_ordered(c, BATCH, &d, &s).await?.len()) })
         })
         .await?,
     );
@@ -170,7 +170,7 @@ async fn run(url: &str, rows: i64, runs: usize) -> anyhow::Result<()> {
         "idle poll, down.t excluded (per-topic form)",
         time_claims(&pool, runs, |c| {
             let d = down.clone();
-            Box::pin(async move { Ok(db::any_available(c, &d).await? as usize) })
+            Box::pin(async move { Ok(store::any_available(c, &d).await? as usize) })
         })
         .await?,
     );

@@ -1,4 +1,4 @@
-//! Measures the lag query (`db::lag`, behind `outbox_pending_messages`,
+//! Measures the lag query (`store::lag`, behind `outbox_pending_messages`,
 //! `outbox_oldest_pending_age_seconds` and `outbox-relay status`) with millions of waiting rows,
 //! and prints its EXPLAIN (ANALYZE, BUFFERS). The figures in docs/metrics.md come from here.
 //!
@@ -102,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
         .max_connections(2)
         .connect(&url)
         .await?;
-    outbox_relay::db::migrate(&pool).await?;
+    outbox_relay::store::migrate(&pool).await?;
     let mut conn = pool.acquire().await?.detach();
     let version: String = sqlx::query_scalar("SHOW server_version")
         .fetch_one(&mut conn)
@@ -150,7 +150,7 @@ async fn main() -> anyhow::Result<()> {
     conn.execute("VACUUM ANALYZE outbox.messages").await?;
     conn.execute("ANALYZE outbox.topic_counts").await?;
 
-    let lag_sql = outbox_relay::db::LAG_SQL;
+    let lag_sql = outbox_relay::store::LAG_SQL;
     let deltas: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox.topic_counts")
         .fetch_one(&mut conn)
         .await?;
@@ -161,7 +161,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let mut c = pool.acquire().await?;
-    outbox_relay::db::compact_counts(&mut c).await?;
+    outbox_relay::store::compact_counts(&mut c).await?;
     drop(c);
     conn.execute("ANALYZE outbox.topic_counts").await?;
     let deltas: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox.topic_counts")
@@ -173,7 +173,7 @@ async fn main() -> anyhow::Result<()> {
         stats(t)
     );
     println!("\n```text\n{}\n```", explain(&mut conn, lag_sql).await?);
-    let lag = outbox_relay::db::lag(&mut conn).await?;
+    let lag = outbox_relay::store::lag(&mut conn).await?;
     let total: i64 = lag.iter().map(|l| l.waiting).sum();
     let oldest = lag.iter().map(|l| l.oldest_age_seconds).fold(0.0, f64::max);
     println!("\nlag says {total} rows waiting, oldest {oldest:.0} s");

@@ -14,6 +14,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use crate::error::Error;
 use crate::sinks::SinkConfig;
 
 /// Every default lives here, with the reason for its value.
@@ -60,11 +61,20 @@ pub mod defaults {
     pub const SHUTDOWN_TIMEOUT_SECS: u64 = 30;
     /// Each relay upserts its row in outbox.relays this often (one tiny statement); `status`
     /// shows publish rates averaged over this window.
-    pub const HEARTBEAT_INTERVAL_SECS: u64 = 2;
-    /// A relay whose heartbeat is older than this is considered dead and its row is deleted.
-    /// Ten missed heartbeats: long enough to ride out a slow database, short enough that
-    /// `outbox_relay_instances` drops within half a minute of a crash.
+    /// One heartbeat per second: each renews the relay's `outbox.relays` row and its ordering
+    /// slot leases (one small transaction), so `status` averages publish rates over a second and
+    /// a few beats fit in one lease.
+    pub const HEARTBEAT_MS: u64 = 1_000;
+    /// A relay that stops heartbeating loses its ordering slots after this long: the time a dead
+    /// relay's keys wait (only for efficiency: ordering never depends on the lease).
+    pub const LEASE_MS: u64 = 5_000;
+    /// A relay whose heartbeat is older than this is considered dead and its `outbox.relays` row
+    /// is deleted. Twenty missed heartbeats: long enough to ride out a slow database, short
+    /// enough that `outbox_relay_instances` drops within half a minute of a crash.
     pub const RELAY_EXPIRY_SECS: u64 = 20;
+    /// Ordered delivery is the product's promise for keyed rows; rows without a key pay nothing
+    /// for it. Set `ordering.enabled = false` to publish keyed rows unordered (the fastest mode).
+    pub const ORDERING_ENABLED: bool = true;
     pub const HTTP_LISTEN: &str = "127.0.0.1:9187";
 }
 
@@ -78,7 +88,12 @@ pub struct Config {
     /// Named sinks. With none configured, every topic goes to the local NATS (`nats`).
     pub sinks: BTreeMap<String, SinkConfig>,
     /// Per-key ordering across relays (docs/ordering.md).
-    pub ordering: crate::ordering::OrderingConfig,
+    pub ordering: OrderingConfig,
+    /// How the relays of one database find each other: heartbeats and slot leases.
+    pub cluster: ClusterConfig,
+    /// Deprecated keys found while loading, each with its replacement (logged at start).
+    #[serde(skip)]
+    pub deprecations: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -121,8 +136,12 @@ pub struct RelayConfig {
     /// TESTING ONLY: this fraction of messages fails as retriable before being published
     /// (error type `injected_fault`). 0 (the default) in production.
     pub fault_injection_rate: f64,
-    pub heartbeat_interval_secs: u64,
-    pub relay_expiry_secs: u64,
+    /// Deprecated: `cluster.heartbeat_ms`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_interval_secs: Option<u64>,
+    /// Deprecated: `cluster.relay_expiry_secs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay_expiry_secs: Option<u64>,
 }
 
 impl Default for RelayConfig {
@@ -145,8 +164,8 @@ impl Default for RelayConfig {
             retry_max_secs: RETRY_MAX_SECS,
             shutdown_timeout_secs: SHUTDOWN_TIMEOUT_SECS,
             fault_injection_rate: 0.0,
-            heartbeat_interval_secs: HEARTBEAT_INTERVAL_SECS,
-            relay_expiry_secs: RELAY_EXPIRY_SECS,
+            heartbeat_interval_secs: None,
+            relay_expiry_secs: None,
         }
     }
 }
@@ -166,6 +185,75 @@ impl RelayConfig {
     }
     pub fn retention(&self) -> Option<Duration> {
         (self.retention_secs > 0).then(|| Duration::from_secs(self.retention_secs))
+    }
+}
+
+/// What a dead-lettered message does to its key.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDead {
+    /// The key flows on with its next message (the dead letter stays for an operator).
+    #[default]
+    Release,
+    /// The key is parked in `outbox.parked_keys`: its later messages wait until an operator
+    /// runs `outbox-relay keys release|skip <key>`.
+    Park,
+}
+
+/// `[ordering]`: per-key order (docs/ordering.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrderingConfig {
+    pub enabled: bool,
+    pub on_dead: OnDead,
+    /// Deprecated: `cluster.lease_ms`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
+    /// Deprecated: `cluster.heartbeat_ms`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_ms: Option<u64>,
+}
+
+impl Default for OrderingConfig {
+    fn default() -> Self {
+        Self {
+            enabled: defaults::ORDERING_ENABLED,
+            on_dead: OnDead::Release,
+            lease_ms: None,
+            heartbeat_ms: None,
+        }
+    }
+}
+
+/// `[cluster]`: one heartbeat per relay renews its `outbox.relays` row (what `status` shows)
+/// and its ordering slot leases, in one transaction.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    pub heartbeat_ms: u64,
+    pub lease_ms: u64,
+    pub relay_expiry_secs: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: defaults::HEARTBEAT_MS,
+            lease_ms: defaults::LEASE_MS,
+            relay_expiry_secs: defaults::RELAY_EXPIRY_SECS,
+        }
+    }
+}
+
+impl ClusterConfig {
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
+    pub fn relay_expiry(&self) -> Duration {
+        Duration::from_secs(self.relay_expiry_secs)
     }
 }
 
@@ -209,18 +297,13 @@ pub enum LogFormat {
     Json,
 }
 
-/// A configuration problem; the text names the key and what to do.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
-
 impl Config {
     /// Loads defaults, then `path` (if given), then `OUTBOX_…` variables, and validates.
-    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+    pub fn load(path: Option<&Path>) -> Result<Self, Error> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = path {
             if !path.exists() {
-                return Err(ConfigError(format!(
+                return Err(Error::Config(format!(
                     "config file {} does not exist: pass an existing TOML file with --config, or none to use the defaults",
                     path.display()
                 )));
@@ -229,16 +312,56 @@ impl Config {
         }
         figment = figment.merge(Env::prefixed("OUTBOX_").split("__").ignore(&["config"]));
         let mut config: Config = figment.extract().map_err(|e| {
-            ConfigError(
+            Error::Config(
                 e.into_iter()
                     .map(|e| describe_figment_error(&e))
                     .collect::<Vec<_>>()
                     .join("\n"),
             )
         })?;
+        config.apply_deprecated_keys();
         config.apply_default_sink();
         config.validate()?;
         Ok(config)
+    }
+
+    /// Moves the values of deprecated keys to their replacements (an explicitly set
+    /// replacement wins) and records a warning for each.
+    pub fn apply_deprecated_keys(&mut self) {
+        let default = ClusterConfig::default();
+        let mut heartbeats = Vec::new();
+        if let Some(secs) = self.relay.heartbeat_interval_secs.take() {
+            self.deprecations.push(
+                "relay.heartbeat_interval_secs is deprecated: use cluster.heartbeat_ms".into(),
+            );
+            heartbeats.push(secs.saturating_mul(1000));
+        }
+        if let Some(ms) = self.ordering.heartbeat_ms.take() {
+            self.deprecations
+                .push("ordering.heartbeat_ms is deprecated: use cluster.heartbeat_ms".into());
+            heartbeats.push(ms);
+        }
+        if self.cluster.heartbeat_ms == default.heartbeat_ms {
+            // Both old loops are one now: it beats as often as the faster of them did.
+            if let Some(ms) = heartbeats.into_iter().min() {
+                self.cluster.heartbeat_ms = ms;
+            }
+        }
+        if let Some(secs) = self.relay.relay_expiry_secs.take() {
+            self.deprecations.push(
+                "relay.relay_expiry_secs is deprecated: use cluster.relay_expiry_secs".into(),
+            );
+            if self.cluster.relay_expiry_secs == default.relay_expiry_secs {
+                self.cluster.relay_expiry_secs = secs;
+            }
+        }
+        if let Some(ms) = self.ordering.lease_ms.take() {
+            self.deprecations
+                .push("ordering.lease_ms is deprecated: use cluster.lease_ms".into());
+            if self.cluster.lease_ms == default.lease_ms {
+                self.cluster.lease_ms = ms;
+            }
+        }
     }
 
     /// With no sink configured, every topic goes to the local NATS as `outbox.<topic>`.
@@ -249,7 +372,7 @@ impl Config {
     }
 
     /// Checks every value and answers in sentences a person can act on.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), Error> {
         let mut problems = Vec::new();
         let r = &self.relay;
         if !(self.database.url.starts_with("postgres://")
@@ -257,7 +380,7 @@ impl Config {
         {
             problems.push(format!(
                 "database.url must be a postgres:// URL, got {:?}",
-                crate::redact_url(&self.database.url)
+                crate::redact::redact_url(&self.database.url)
             ));
         }
         if self.database.max_connections < r.workers + 2 {
@@ -312,11 +435,20 @@ impl Config {
                 r.fault_injection_rate
             ));
         }
-        problems.extend(self.ordering.validate());
-        if r.heartbeat_interval_secs == 0 || r.relay_expiry_secs < 2 * r.heartbeat_interval_secs {
+        let c = &self.cluster;
+        if c.heartbeat_ms == 0 {
+            problems.push("cluster.heartbeat_ms must be above 0".to_string());
+        }
+        if c.lease_ms < 2 * c.heartbeat_ms {
             problems.push(format!(
-                "relay.heartbeat_interval_secs must be above 0 and relay.relay_expiry_secs ({}) at least twice it ({}), or live relays would be expired between heartbeats",
-                r.relay_expiry_secs, r.heartbeat_interval_secs
+                "cluster.lease_ms ({}) must be at least twice cluster.heartbeat_ms ({}), or one late heartbeat would drop this relay's slots",
+                c.lease_ms, c.heartbeat_ms
+            ));
+        }
+        if c.relay_expiry_secs.saturating_mul(1000) < 2 * c.heartbeat_ms {
+            problems.push(format!(
+                "cluster.relay_expiry_secs ({}) must be at least twice cluster.heartbeat_ms ({} ms), or live relays would be expired between heartbeats",
+                c.relay_expiry_secs, c.heartbeat_ms
             ));
         }
         if !self.http.listen.is_empty() && self.http.listen.parse::<SocketAddr>().is_err() {
@@ -340,12 +472,12 @@ impl Config {
             }
         }
         if let Err(e) = crate::routing::Router::new(&self.sinks) {
-            problems.push(e.to_string());
+            problems.push(e);
         }
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(ConfigError(format!(
+            Err(Error::Config(format!(
                 "invalid configuration:\n  - {}",
                 problems.join("\n  - ")
             )))
@@ -389,6 +521,32 @@ mod tests {
         c.apply_default_sink();
         c.validate().unwrap();
         assert!(c.sinks.contains_key("nats"));
+    }
+
+    #[test]
+    fn deprecated_heartbeat_keys_map_to_the_cluster_section_with_a_warning() {
+        let mut c = Config::default();
+        c.relay.heartbeat_interval_secs = Some(2);
+        c.relay.relay_expiry_secs = Some(7);
+        c.ordering.heartbeat_ms = Some(200);
+        c.ordering.lease_ms = Some(1_000);
+        c.apply_deprecated_keys();
+        assert_eq!(
+            c.cluster,
+            ClusterConfig {
+                heartbeat_ms: 200,
+                lease_ms: 1_000,
+                relay_expiry_secs: 7
+            }
+        );
+        assert_eq!(c.deprecations.len(), 4, "{:?}", c.deprecations);
+        assert!(c.deprecations[0].contains("use cluster.heartbeat_ms"));
+
+        let mut explicit = Config::default();
+        explicit.cluster.heartbeat_ms = 500;
+        explicit.ordering.heartbeat_ms = Some(200);
+        explicit.apply_deprecated_keys();
+        assert_eq!(explicit.cluster.heartbeat_ms, 500, "[cluster] wins");
     }
 
     #[test]

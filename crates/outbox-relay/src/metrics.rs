@@ -26,6 +26,8 @@ pub struct Metrics {
     pub unmarked_published_total: IntCounter,
     pub lag_query_duration_seconds: Gauge,
     pub relay_instances: IntGauge,
+    /// The ordering gauges, registered into the same registry.
+    pub ordering: OrderingMetrics,
     /// Every registered metric name, for the catalogue check (docs/metrics.md).
     pub names: Vec<String>,
 }
@@ -135,9 +137,10 @@ impl Metrics {
             .unwrap(),
             relay_instances: IntGauge::with_opts(opts(
                 "outbox_relay_instances",
-                "Relays whose heartbeat in outbox.relays is fresher than relay.relay_expiry_secs, this one included.",
+                "Relays whose heartbeat in outbox.relays is fresher than cluster.relay_expiry_secs, this one included.",
             ))
             .unwrap(),
+            ordering: OrderingMetrics::new(&registry).expect("ordering metric names are unique"),
             names: Vec::new(),
             registry,
         };
@@ -175,6 +178,45 @@ impl Metrics {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// The ordering gauges (docs/ordering.md).
+pub struct OrderingMetrics {
+    pub partitions_owned: IntGauge,
+    pub held_back_keys: IntGaugeVec,
+    pub parked_keys: IntGaugeVec,
+    pub rounds: IntGauge,
+}
+
+impl OrderingMetrics {
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let m = Self {
+            partitions_owned: IntGauge::with_opts(Opts::new(
+                "outbox_partitions_owned",
+                "Ordering slots (of 256) this relay holds a lease on.",
+            ))?,
+            held_back_keys: IntGaugeVec::new(
+                Opts::new(
+                    "outbox_held_back_keys",
+                    "Keys whose oldest message waits for a retry, holding back the later messages of the key.",
+                ),
+                &["topic"],
+            )?,
+            parked_keys: IntGaugeVec::new(
+                Opts::new("outbox_parked_keys", "Keys parked after a dead letter, waiting for an operator."),
+                &["topic"],
+            )?,
+            rounds: IntGauge::with_opts(Opts::new(
+                "outbox_ordering_rounds_last_batch",
+                "Publish rounds the last ordered batch needed (its most repeated key).",
+            ))?,
+        };
+        registry.register(Box::new(m.partitions_owned.clone()))?;
+        registry.register(Box::new(m.held_back_keys.clone()))?;
+        registry.register(Box::new(m.parked_keys.clone()))?;
+        registry.register(Box::new(m.rounds.clone()))?;
+        Ok(m)
     }
 }
 

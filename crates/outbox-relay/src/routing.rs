@@ -11,7 +11,6 @@ use std::sync::Mutex;
 
 use globset::{GlobBuilder, GlobMatcher};
 
-use crate::config::ConfigError;
 use crate::sinks::SinkConfig;
 
 /// Where a topic goes: the sink's position in the sink list and the route's index in it.
@@ -28,29 +27,30 @@ pub struct Router {
 }
 
 impl Router {
-    /// Sinks are numbered in the map's (name) order, matching [`crate::relay::Relay`]'s list.
-    pub fn new(sinks: &BTreeMap<String, SinkConfig>) -> Result<Self, ConfigError> {
+    /// Sinks are numbered in the map's (name) order, the order of the dispatcher's sink list.
+    /// A problem comes back as a sentence naming the key to fix.
+    pub fn new(sinks: &BTreeMap<String, SinkConfig>) -> Result<Self, String> {
         let mut exact = HashMap::new();
         let mut patterns = Vec::new();
         for (sink, (name, config)) in sinks.iter().enumerate() {
             for (route, topics) in config.route_topics().into_iter().enumerate() {
                 if topics.is_empty() {
-                    return Err(ConfigError(format!(
+                    return Err(format!(
                         "sinks.{name}.routes[{route}].topics is empty: list at least one topic or pattern such as \"orders.*\""
-                    )));
+                    ));
                 }
                 for topic in topics {
                     let target = Target { sink, route };
                     if topic.contains(['*', '?', '[']) {
                         let glob = GlobBuilder::new(topic).literal_separator(false).build().map_err(|e| {
-                            ConfigError(format!("sinks.{name}.routes[{route}].topics: bad pattern {topic:?}: {e}"))
+                            format!("sinks.{name}.routes[{route}].topics: bad pattern {topic:?}: {e}")
                         })?;
                         patterns.push((glob.compile_matcher(), target));
                     } else if let Some(prev) = exact.insert(topic.clone(), target) {
                         if prev != target {
-                            return Err(ConfigError(format!(
+                            return Err(format!(
                                 "topic {topic:?} is routed twice (sinks.{name}.routes[{route}] and an earlier route): keep one"
-                            )));
+                            ));
                         }
                     }
                 }

@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RelayConfig;
-use crate::db;
+use crate::store;
 
 pub const CHANNEL: &str = "outbox_wakeup";
 
@@ -151,9 +151,7 @@ impl Wakeup {
             {
                 tracing::warn!(error = %e, "wake-up listener lost its connection; reconnecting");
             }
-            let _ = sqlx::query("DELETE FROM outbox.relay_sleepers WHERE pid = pg_backend_pid()")
-                .execute(&mut listener)
-                .await;
+            let _ = store::sleepers::unregister(&mut listener).await;
         }
     }
 
@@ -195,9 +193,7 @@ impl Wakeup {
                 // Busy regime: poll, and only when every worker waits (a busy worker claims
                 // again by itself).
                 if registered {
-                    sqlx::query("DELETE FROM outbox.relay_sleepers WHERE pid = pg_backend_pid()")
-                        .execute(&mut *listener)
-                        .await?;
+                    store::sleepers::unregister(&mut *listener).await?;
                     registered = false;
                 }
                 tokio::select! {
@@ -205,7 +201,7 @@ impl Wakeup {
                     _ = shutdown.cancelled() => return Ok(()),
                 }
                 if self.idle_workers.load(Ordering::SeqCst) >= workers
-                    && db::any_available(&mut *listener, &excluded()).await?
+                    && store::any_available(&mut *listener, &excluded()).await?
                     && !self.workers_found_rows(workers, shutdown).await
                 {
                     stale_at = Some(self.activity_stamp());
@@ -213,18 +209,10 @@ impl Wakeup {
                 continue;
             }
             if !registered {
-                sqlx::query(
-                    "INSERT INTO outbox.relay_sleepers (pid) VALUES (pg_backend_pid()) ON CONFLICT DO NOTHING",
-                )
-                .execute(&mut *listener)
-                .await?;
+                store::sleepers::register(&mut *listener).await?;
                 registered = true;
             }
-            let quiet: bool =
-                sqlx::query_scalar("SELECT pg_try_advisory_lock(outbox.wakeup_lock_key())")
-                    .fetch_one(&mut *listener)
-                    .await?;
-            if !quiet {
+            if !store::sleepers::no_enqueue_in_flight(&mut *listener).await? {
                 // An enqueue that may not have seen our registration is in flight: look again
                 // once it has committed.
                 tokio::select! {
@@ -233,15 +221,12 @@ impl Wakeup {
                 }
                 continue;
             }
-            sqlx::query("SELECT pg_advisory_unlock(outbox.wakeup_lock_key())")
-                .execute(&mut *listener)
-                .await?;
             // The final look. When the poll is known to see rows nobody may claim, let the
             // workers look instead (one claim).
             let look = if stale {
                 true
             } else {
-                db::any_available(&mut *listener, &excluded()).await?
+                store::any_available(&mut *listener, &excluded()).await?
             };
             if look {
                 if self.workers_found_rows(workers, shutdown).await {

@@ -89,7 +89,7 @@ impl Rig {
             &format!("{run}-relay"),
             &self.db.url,
             &sinks,
-            outbox_relay::ordering::defaults::ENABLED,
+            outbox_relay::config::defaults::ORDERING_ENABLED,
         )?);
         // One message end to end before the clock starts: relay connected, stream ready.
         outbox_client::enqueue(

@@ -2,8 +2,8 @@
 //!
 //! The ceiling runs the relay's own SQL (the claim the drain's relay runs, and `db::mark_sent`, in
 //! a BEGIN/COMMIT loop, same batch size and worker count as the relay, on a pool opened by
-//! `outbox_relay::db::connect`) with no broker at all. With ordering on (the default) the relay
-//! runs the ordered claim (`outbox_relay::ordering::sql::claim`, every slot owned, as by a single
+//! `outbox_relay::store::connect`) with no broker at all. With ordering on (the default) the relay
+//! runs the ordered claim (`outbox_relay::store::claim_ordered`, every slot owned, as by a single
 //! relay) even for rows without a key, so the ceiling does too. Drain and scale run real relay processes
 //! against a real broker with acknowledgements, from the same preloaded backlog ([`DrainSpec`]:
 //! unkeyed for drain; keyed, with ordering on and off, for scale).
@@ -34,7 +34,7 @@ pub async fn ceiling(o: &Opts) -> anyhow::Result<CeilingResult> {
     let db = BenchDb::create(&o.database_url, "ceiling").await?;
     db.preload(o.messages, o.payload_bytes, TOPIC, 0, Load::Vacuumed)
         .await?;
-    let pool = outbox_relay::db::connect(
+    let pool = outbox_relay::store::connect(
         &db.url,
         o.workers + 2,
         Duration::from_secs(5),
@@ -45,8 +45,8 @@ pub async fn ceiling(o: &Opts) -> anyhow::Result<CeilingResult> {
     let warm: Vec<_> =
         futures::future::try_join_all((0..o.workers).map(|_| pool.acquire())).await?;
     drop(warm);
-    let ordered = outbox_relay::ordering::defaults::ENABLED;
-    let all_slots: Arc<Vec<i16>> = Arc::new((0..outbox_relay::ordering::SLOTS as i16).collect());
+    let ordered = outbox_relay::config::defaults::ORDERING_ENABLED;
+    let all_slots: Arc<Vec<i16>> = Arc::new((0..outbox_relay::store::SLOTS as i16).collect());
     let rows = Arc::new(AtomicU64::new(0));
     let cpu0 = machine::cpu_jiffies();
     let started = Instant::now();
@@ -58,16 +58,16 @@ pub async fn ceiling(o: &Opts) -> anyhow::Result<CeilingResult> {
                 loop {
                     let mut tx = pool.begin().await?;
                     let claimed = if ordered {
-                        outbox_relay::ordering::sql::claim(&mut tx, batch, &[], &slots).await?
+                        outbox_relay::store::claim_ordered(&mut tx, batch, &[], &slots).await?
                     } else {
-                        outbox_relay::db::claim(&mut tx, batch, &[]).await?
+                        outbox_relay::store::claim(&mut tx, batch, &[]).await?
                     };
                     if claimed.is_empty() {
                         tx.commit().await?;
                         return Ok::<_, sqlx::Error>(());
                     }
                     let ids: Vec<i64> = claimed.iter().map(|r| r.id).collect();
-                    outbox_relay::db::mark_sent(&mut tx, &ids, false).await?;
+                    outbox_relay::store::mark_sent(&mut tx, &ids, false).await?;
                     tx.commit().await?;
                     rows.fetch_add(ids.len() as u64, Ordering::Relaxed);
                 }
@@ -117,7 +117,7 @@ impl DrainSpec {
         Self {
             relays: 1,
             keys: 0,
-            ordering: outbox_relay::ordering::defaults::ENABLED,
+            ordering: outbox_relay::config::defaults::ORDERING_ENABLED,
             settle: false,
         }
     }
@@ -170,9 +170,9 @@ async fn settle(
                 )
                 .fetch_all(&db.pool)
                 .await?;
-                let share = outbox_relay::ordering::SLOTS / spec.relays;
+                let share = outbox_relay::store::SLOTS / spec.relays;
                 owned.len() == spec.relays
-                    && owned.iter().sum::<i64>() == outbox_relay::ordering::SLOTS as i64
+                    && owned.iter().sum::<i64>() == outbox_relay::store::SLOTS as i64
                     && owned
                         .iter()
                         .all(|&n| n as usize == share || n as usize == share + 1)

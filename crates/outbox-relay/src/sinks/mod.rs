@@ -10,11 +10,9 @@
 //! defaults, `validate()`), `sink.rs` (this contract) and `service.rs` (the broker calls).
 //! Adding a broker is a new folder plus one variant in [`SinkConfig`].
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 pub mod amqp;
@@ -29,19 +27,7 @@ pub const KEY_HEADER: &str = "outbox-key";
 /// The header that carries the logical topic.
 pub const TOPIC_HEADER: &str = "outbox-topic";
 
-/// One claimed outbox row, as the sinks see it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OutboxRow {
-    pub id: i64,
-    pub message_id: String,
-    pub topic: String,
-    pub key: Option<String>,
-    pub payload: Vec<u8>,
-    pub headers: BTreeMap<String, String>,
-    pub created_at: DateTime<Utc>,
-    /// Failed attempts so far.
-    pub attempts: i32,
-}
+pub use crate::message::OutboxRow;
 
 /// A row with the index of the sink route that matched its topic.
 #[derive(Debug, Clone, Copy)]
@@ -210,6 +196,8 @@ pub fn validate_template(field: &str, template: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::Utc;
+    use std::collections::BTreeMap;
 
     #[test]
     fn templates() {

@@ -1,5 +1,13 @@
-//! The command line: `migrate`, `run`, `status`, `dead`, `demo`. Exit codes: 0 success, 1 runtime
-//! failure, 2 bad usage or bad configuration.
+//! The command line: `migrate`, `run`, `status`, `dead`, `keys`, `demo`. Exit codes: 0 success,
+//! 1 runtime failure, 2 bad usage or bad configuration ([`crate::Error::is_usage`]).
+//!
+//! The command modules below are the binary's: the only code of the crate that prints to
+//! stdout or returns `anyhow` errors.
+
+pub mod dead;
+pub mod demo;
+pub mod keys;
+pub mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,12 +55,12 @@ pub enum Command {
     /// Inspect, retry or purge dead letters (messages the relay gave up on).
     Dead {
         #[command(subcommand)]
-        command: crate::dead::DeadCommand,
+        command: dead::DeadCommand,
     },
     /// Held-back and parked ordering keys: list them, release or skip one.
     Keys {
         #[command(subcommand)]
-        command: crate::ordering::keys::KeysCommand,
+        command: keys::KeysCommand,
     },
     /// Migrate, enqueue sample users with their outbox rows, relay them to NATS, show what arrived.
     Demo {
@@ -89,7 +97,10 @@ pub fn main() -> ExitCode {
     };
     match runtime.block_on(dispatch(cli.command, config)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.downcast_ref::<crate::dead::UsageError>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<crate::Error>()
+                .is_some_and(crate::Error::is_usage) =>
+        {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
@@ -106,17 +117,17 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             // No statement or idle timeout: a migration may rewrite a large outbox table
             // (0004 adds a stored column), which must not be cut off at claim_timeout_secs.
             let pool = connect_with_timeout(&config, std::time::Duration::ZERO).await?;
-            crate::db::migrate(&pool).await?;
+            crate::store::migrate(&pool).await?;
             println!(
                 "migrations applied to {}",
-                crate::redact_url(&config.database.url)
+                crate::redact::redact_url(&config.database.url)
             );
             Ok(())
         }
         Command::Run => {
             let shutdown = CancellationToken::new();
             tokio::spawn(wait_for_signal(shutdown.clone()));
-            crate::run(config, shutdown).await
+            Ok(crate::relay::run(config, shutdown).await?)
         }
         Command::Status {
             json,
@@ -124,25 +135,24 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             interval,
         } => {
             let pool = connect_once(&config).await?;
-            crate::check_schema(&pool).await?;
+            crate::store::check_schema(&pool).await?;
             if watch {
-                crate::status::watch(&pool, json, std::time::Duration::from_secs_f64(interval))
-                    .await
+                status::watch(&pool, json, std::time::Duration::from_secs_f64(interval)).await
             } else {
-                crate::status::print(&pool, json).await
+                status::print(&pool, json).await
             }
         }
         Command::Dead { command } => {
             let pool = connect_once(&config).await?;
-            crate::check_schema(&pool).await?;
-            crate::dead::run(&pool, command).await
+            crate::store::check_schema(&pool).await?;
+            dead::run(&pool, command).await
         }
         Command::Keys { command } => {
             let pool = connect_once(&config).await?;
-            crate::check_schema(&pool).await?;
-            crate::ordering::keys::run(&pool, command).await
+            crate::store::check_schema(&pool).await?;
+            keys::run(&pool, command).await
         }
-        Command::Demo { count } => crate::demo::run(config, count).await,
+        Command::Demo { count } => demo::run(config, count).await,
     }
 }
 
@@ -169,7 +179,7 @@ async fn connect_with_timeout(
     config: &Config,
     statement_timeout: std::time::Duration,
 ) -> anyhow::Result<sqlx::PgPool> {
-    crate::db::connect(
+    crate::store::connect(
         &config.database.url,
         2,
         std::time::Duration::from_secs(config.database.connect_timeout_secs),
@@ -179,7 +189,7 @@ async fn connect_with_timeout(
     .map_err(|e| {
         anyhow::anyhow!(
             "cannot connect to PostgreSQL at {}: {e}; start it, or set database.url (OUTBOX_DATABASE__URL)",
-            crate::redact_url(&config.database.url)
+            crate::redact::redact_url(&config.database.url)
         )
     })
 }

@@ -10,7 +10,7 @@
 use clap::Subcommand;
 use sqlx::PgPool;
 
-use super::sql;
+use crate::store::keys as sql;
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {

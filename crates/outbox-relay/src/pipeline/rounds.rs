@@ -4,7 +4,7 @@
 //! Round `r` publishes the `r`-th message of every key of the batch at once (all keys in
 //! flight together, each sink's share concurrently), then awaits the acknowledgements. A key
 //! whose message failed (any failure) drops out: its later messages are released untouched
-//! ([`HELD_BACK`], no attempt counted) and will come back behind the failed one. Unkeyed rows
+//! ([`RowOutcome::HeldBack`], no attempt counted) and will come back behind the failed one. Unkeyed rows
 //! go in the first round. Every sink gets one message per key per round, Kafka included
 //! (docs/ordering.md, "Per broker", says why a single round would not be safe there).
 //!
@@ -20,25 +20,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio_util::sync::CancellationToken;
-
-use super::HELD_BACK;
-use crate::relay::Relay;
-use crate::sinks::{OutboxRow, Outcome, SinkError};
-
-fn held_back() -> Outcome {
-    Outcome::Failed(SinkError::unavailable(
-        HELD_BACK,
-        "an earlier message of this key failed in the same batch; released untouched",
-    ))
-}
-
-fn out_of_time() -> Outcome {
-    Outcome::Failed(SinkError::unavailable(
-        HELD_BACK,
-        "the batch's time in its claim transaction ran out before this round; released untouched",
-    ))
-}
+use super::dispatch::Dispatcher;
+use super::RowOutcome;
+use crate::message::OutboxRow;
+use crate::routing::Target;
 
 /// The round of each row (rows are in id order): its rank among the rows of its key.
 pub fn plan(rows: &[OutboxRow]) -> Vec<usize> {
@@ -55,28 +40,23 @@ pub fn plan(rows: &[OutboxRow]) -> Vec<usize> {
         .collect()
 }
 
-/// Publishes `rows` (one ordered claim, in id order); one outcome and sink per row. Rounds after
-/// the first start only before `last_round_start` (see the module docs).
+/// Publishes `rows` (one ordered claim, in id order, with their `targets`); one outcome per
+/// row. Rounds after the first start only before `last_round_start` (see the module docs).
+/// Returns the outcomes and the number of rounds the batch needed.
 pub async fn publish(
-    relay: &Arc<Relay>,
+    dispatcher: &Arc<Dispatcher>,
     rows: &[OutboxRow],
-    shutdown: &CancellationToken,
+    targets: &[Option<Target>],
     last_round_start: Instant,
-) -> (Vec<Outcome>, Vec<Option<usize>>) {
+) -> (Vec<RowOutcome>, usize) {
     let round = plan(rows);
     let rounds = round.iter().copied().max().map_or(0, |m| m + 1);
-    if let Some(o) = &relay.ordering {
-        o.metrics.rounds.set(rounds as i64);
-    }
     if rounds <= 1 {
         // At most one row per key: one publish, nothing to hold back.
-        return relay.publish(rows, shutdown).await;
+        let all: Vec<&OutboxRow> = rows.iter().collect();
+        return (dispatcher.publish(&all, targets).await, rounds);
     }
-    let mut outcomes: Vec<Option<Outcome>> = vec![None; rows.len()];
-    let mut sink_of: Vec<Option<usize>> = rows
-        .iter()
-        .map(|r| relay.router.route(&r.topic).map(|t| t.sink))
-        .collect();
+    let mut outcomes: Vec<Option<RowOutcome>> = (0..rows.len()).map(|_| None).collect();
     let mut stopped: HashSet<&str> = HashSet::new();
     for r in 0..rounds {
         if r > 0 && Instant::now() >= last_round_start {
@@ -86,40 +66,41 @@ pub async fn publish(
                 "claim transaction near relay.claim_timeout_secs: later rounds released"
             );
             for (i, _) in round.iter().enumerate().filter(|(_, &ri)| ri >= r) {
-                outcomes[i] = Some(out_of_time());
+                outcomes[i] = Some(RowOutcome::OutOfTime);
             }
             break;
         }
         let mut idx = Vec::new();
         for (i, row) in rows.iter().enumerate().filter(|(i, _)| round[*i] == r) {
             match row.key.as_deref() {
-                Some(k) if stopped.contains(k) => outcomes[i] = Some(held_back()),
+                Some(k) if stopped.contains(k) => outcomes[i] = Some(RowOutcome::HeldBack),
                 _ => idx.push(i),
             }
         }
         if idx.is_empty() {
             continue;
         }
-        let batch: Vec<OutboxRow> = idx.iter().map(|&i| rows[i].clone()).collect();
-        let (o, s) = relay.publish(&batch, shutdown).await;
-        for ((&i, outcome), sink) in idx.iter().zip(o).zip(s) {
-            if let (Outcome::Failed(_), Some(k)) = (&outcome, rows[i].key.as_deref()) {
+        let batch: Vec<&OutboxRow> = idx.iter().map(|&i| &rows[i]).collect();
+        let batch_targets: Vec<Option<Target>> = idx.iter().map(|&i| targets[i]).collect();
+        let published = dispatcher.publish(&batch, &batch_targets).await;
+        for (&i, outcome) in idx.iter().zip(published) {
+            if let (true, Some(k)) = (outcome.is_failure(), rows[i].key.as_deref()) {
                 stopped.insert(k);
             }
             outcomes[i] = Some(outcome);
-            sink_of[i] = sink;
         }
     }
     let outcomes = outcomes
         .into_iter()
-        .map(|o| o.unwrap_or_else(held_back))
+        .map(|o| o.unwrap_or(RowOutcome::HeldBack))
         .collect();
-    (outcomes, sink_of)
+    (outcomes, rounds)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::OutboxRow;
     use std::collections::BTreeMap;
 
     fn row(id: i64, key: Option<&str>) -> OutboxRow {

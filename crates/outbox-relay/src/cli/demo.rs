@@ -14,9 +14,12 @@ use outbox_client::{enqueue, Message};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::message::OutboxRow;
 use crate::metrics::Metrics;
+use crate::redact::redact_url;
 use crate::relay::Relay;
-use crate::sinks::{render_template, OutboxRow, SinkConfig};
+use crate::sinks::{render_template, SinkConfig};
+use crate::store;
 
 pub async fn run(mut config: Config, count: u32) -> anyhow::Result<()> {
     let nats = match config.sinks.values().find_map(|s| match s {
@@ -30,7 +33,7 @@ pub async fn run(mut config: Config, count: u32) -> anyhow::Result<()> {
     // The demo's relay runs in this process; it needs no HTTP server.
     config.http.listen = String::new();
 
-    let pool = crate::db::connect(
+    let pool = store::connect(
         &config.database.url,
         config.database.max_connections,
         Duration::from_secs(config.database.connect_timeout_secs),
@@ -40,30 +43,20 @@ pub async fn run(mut config: Config, count: u32) -> anyhow::Result<()> {
     .with_context(|| {
         format!(
             "cannot connect to PostgreSQL at {}",
-            crate::redact_url(&config.database.url)
+            redact_url(&config.database.url)
         )
     })?;
-    crate::db::migrate(&pool)
+    store::migrate(&pool)
         .await
         .context("migrating the database")?;
-    println!("1. migrated {}", crate::redact_url(&config.database.url));
+    println!("1. migrated {}", redact_url(&config.database.url));
 
-    sqlx::query("CREATE SCHEMA IF NOT EXISTS outbox_demo")
-        .execute(&pool)
-        .await?;
-    sqlx::query(
-        "CREATE TABLE IF NOT EXISTS outbox_demo.users (
-            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-            email text NOT NULL,
-            created_at timestamptz NOT NULL DEFAULT now())",
-    )
-    .execute(&pool)
-    .await?;
+    store::demo::prepare(&pool).await?;
 
     // An independent consumer, created before anything is published, that sees only new messages.
     let client = async_nats::connect(&nats.url)
         .await
-        .with_context(|| format!("cannot connect to NATS at {}", crate::redact_url(&nats.url)))?;
+        .with_context(|| format!("cannot connect to NATS at {}", redact_url(&nats.url)))?;
     let js = async_nats::jetstream::new(client);
     let stream = js
         .get_or_create_stream(async_nats::jetstream::stream::Config {
@@ -89,11 +82,7 @@ pub async fn run(mut config: Config, count: u32) -> anyhow::Result<()> {
     for i in 0..count {
         let email = format!("user{i}-{}@example.com", &run_id[..8]);
         let mut tx = pool.begin().await?;
-        let (id,): (i64,) =
-            sqlx::query_as("INSERT INTO outbox_demo.users (email) VALUES ($1) RETURNING id")
-                .bind(&email)
-                .fetch_one(&mut *tx)
-                .await?;
+        let id = store::demo::insert_user(&mut tx, &email).await?;
         let message = Message::json(
             "user.created",
             &serde_json::json!({ "id": id, "email": email }),
@@ -109,12 +98,9 @@ pub async fn run(mut config: Config, count: u32) -> anyhow::Result<()> {
     );
 
     let metrics = Arc::new(Metrics::new());
-    let relay = Relay::new(&config, pool.clone(), metrics).await?;
     let shutdown = CancellationToken::new();
-    let relay_task = {
-        let (relay, config, shutdown) = (Arc::clone(&relay), config.clone(), shutdown.clone());
-        tokio::spawn(async move { crate::run_relay(relay, &config, shutdown).await })
-    };
+    let relay = Relay::build(&config, pool.clone(), metrics, shutdown.clone()).await?;
+    let relay_task = tokio::spawn(relay.run());
     let subject = render_template(
         &nats.routes[0].subject,
         &OutboxRow {
@@ -145,7 +131,7 @@ pub async fn run(mut config: Config, count: u32) -> anyhow::Result<()> {
                 anyhow::bail!(
                     "only {seen} of {} messages arrived within 30 s: is NATS (JetStream) running at {}?",
                     expected.len(),
-                    crate::redact_url(&nats.url)
+                    redact_url(&nats.url)
                 )
             }
         };
@@ -169,7 +155,7 @@ pub async fn run(mut config: Config, count: u32) -> anyhow::Result<()> {
     shutdown.cancel();
     let _ = relay_task.await;
     println!("4. all {seen} messages arrived. Lag now:");
-    let status = crate::status::collect(&pool).await?;
-    print!("{}", crate::status::render_table(&status));
+    let status = super::status::collect(&pool).await?;
+    print!("{}", super::status::render_table(&status));
     Ok(())
 }

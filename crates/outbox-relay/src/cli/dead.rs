@@ -4,7 +4,7 @@
 //! `relay.max_attempts` failed attempts). It stays in the database with its payload and full
 //! error history until an operator retries it (back into `outbox.messages`, attempts reset,
 //! available at once, original id kept) or purges it (after a confirmation, or `--yes`).
-//! The SQL is in [`crate::db::dead`]; this module parses, confirms and prints.
+//! The SQL is in [`crate::store::dead`]; this module parses, confirms and prints.
 
 use std::fmt::Write as _;
 use std::io::{BufRead, IsTerminal, Write};
@@ -14,12 +14,7 @@ use chrono::Utc;
 use clap::{Args, Subcommand};
 use sqlx::PgPool;
 
-use crate::db::dead::{self as sql, DeadFilter, DeadLetter, DeadSummary, RetryResult};
-
-/// A usage problem (exit code 2): the message says what to pass instead.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UsageError(pub String);
+use crate::store::dead::{self as sql, DeadFilter, DeadLetter, DeadSummary, RetryResult};
 
 #[derive(Debug, Subcommand)]
 pub enum DeadCommand {
@@ -91,10 +86,10 @@ pub struct FilterArgs {
 }
 
 impl FilterArgs {
-    pub fn to_filter(&self) -> Result<DeadFilter, UsageError> {
+    pub fn to_filter(&self) -> Result<DeadFilter, crate::Error> {
         if let (Some(from), Some(to)) = (self.id_from, self.id_to) {
             if from > to {
-                return Err(UsageError(format!(
+                return Err(crate::Error::Usage(format!(
                     "--id-from ({from}) is greater than --id-to ({to}): swap them"
                 )));
             }
@@ -226,7 +221,7 @@ pub async fn run(pool: &PgPool, command: DeadCommand) -> anyhow::Result<()> {
 fn confirm_purge(n: usize, filter: &DeadFilter) -> anyhow::Result<()> {
     let stdin = std::io::stdin();
     if !stdin.is_terminal() {
-        return Err(UsageError(format!(
+        return Err(crate::Error::Usage(format!(
             "refusing to purge {n} dead letter(s) without confirmation: stdin is not a terminal, so pass --yes"
         ))
         .into());

@@ -5,7 +5,7 @@
 //! Everything comes from the database, so `status` works from any machine that reaches it and
 //! sees every relay at once: the lag from [`db::lag`] (no table scan), dead letters from
 //! `outbox.dead_letters`, and sink health and publish rates from the heartbeat rows the relays
-//! write into `outbox.relays` ([`crate::heartbeat`]). A sink is shown `up` when every relay with
+//! write into `outbox.relays` ([`crate::cluster`]). A sink is shown `up` when every relay with
 //! a fresh heartbeat reports it up; the publish rate of a topic is the sum of the rates those
 //! relays measured over their last heartbeat interval (`relay.heartbeat_interval_secs`).
 
@@ -16,8 +16,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-use crate::db;
-use crate::heartbeat::{self, RelayRow};
+use super::keys;
+use crate::store::cluster::RelayRow;
+use crate::store::{self, TopicLag};
 
 #[derive(Debug, serde::Serialize)]
 pub struct Status {
@@ -31,14 +32,14 @@ pub struct Status {
     /// Relays whose heartbeat is fresh (at most three intervals old).
     pub live_relays: usize,
     /// ordering (issue 6): held-back and parked keys (at most 20 of each).
-    pub keys: crate::ordering::keys::KeysStatus,
+    pub keys: keys::KeysStatus,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TopicStatus {
     /// `topic`, `waiting`, `oldest_created_at`, `oldest_age_seconds`.
     #[serde(flatten)]
-    pub lag: db::TopicLag,
+    pub lag: TopicLag,
     /// Rows per second marked delivered by the live relays; `null` when no relay reports.
     pub publish_rate_per_second: Option<f64>,
     pub dead_letters: i64,
@@ -64,19 +65,19 @@ pub struct SinkStatus {
 
 pub async fn collect(pool: &PgPool) -> Result<Status, sqlx::Error> {
     let mut conn = pool.acquire().await?;
-    let lag = db::lag(&mut conn).await?;
-    let dead = db::dead_counts(&mut conn).await?;
-    let relays = heartbeat::list(&mut conn).await?;
+    let lag = store::lag(&mut conn).await?;
+    let dead = store::dead_counts(&mut conn).await?;
+    let relays = store::cluster::list(&mut conn).await?;
     drop(conn);
-    let keys = crate::ordering::keys::collect(pool, 20).await?;
+    let keys = keys::collect(pool, 20).await?;
     Ok(assemble(lag, dead, relays, keys))
 }
 
 fn assemble(
-    lag: Vec<db::TopicLag>,
+    lag: Vec<TopicLag>,
     dead: Vec<(String, i64)>,
     relays: Vec<RelayRow>,
-    keys: crate::ordering::keys::KeysStatus,
+    keys: keys::KeysStatus,
 ) -> Status {
     let fresh: Vec<&RelayRow> = relays.iter().filter(|r| r.is_fresh()).collect();
     let mut rates: BTreeMap<&str, f64> = BTreeMap::new();
@@ -98,7 +99,7 @@ fn assemble(
                 .iter()
                 .find(|l| l.topic == name)
                 .cloned()
-                .unwrap_or(db::TopicLag {
+                .unwrap_or(TopicLag {
                     topic: name.clone(),
                     waiting: 0,
                     oldest_created_at: None,
@@ -227,7 +228,7 @@ pub fn render_table(s: &Status) -> String {
         ));
     }
     out.push_str("\n\n");
-    out.push_str(&crate::ordering::keys::render_table(&s.keys));
+    out.push_str(&keys::render_table(&s.keys));
     out
 }
 
@@ -284,10 +285,10 @@ pub async fn watch(pool: &PgPool, json: bool, interval: Duration) -> anyhow::Res
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::heartbeat::SinkHealth;
+    use crate::store::cluster::SinkHealth;
 
-    fn no_keys() -> crate::ordering::keys::KeysStatus {
-        crate::ordering::keys::KeysStatus {
+    fn no_keys() -> keys::KeysStatus {
+        keys::KeysStatus {
             held_back: vec![],
             parked: vec![],
         }
@@ -315,7 +316,7 @@ mod tests {
 
     #[test]
     fn rates_add_up_over_fresh_relays_and_a_sink_is_down_if_any_relay_says_so() {
-        let lag = vec![db::TopicLag {
+        let lag = vec![TopicLag {
             topic: "a".into(),
             waiting: 5,
             oldest_created_at: None,

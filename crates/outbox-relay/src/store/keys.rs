@@ -1,0 +1,184 @@
+//! Keys held back and parked (docs/ordering.md): what `status` and `outbox-relay keys list`
+//! show, the gauges, and the operator actions `keys release` and `keys skip`.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, Row};
+
+/// A key whose oldest waiting message failed and waits for its next attempt.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HeldKey {
+    pub key: String,
+    pub topic: String,
+    pub head_id: i64,
+    pub message_id: String,
+    pub attempts: i32,
+    pub next_attempt_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+    /// Messages of the key waiting behind the head.
+    pub behind: i64,
+}
+
+/// A key parked after a dead letter.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ParkedKey {
+    pub key: String,
+    pub topic: String,
+    pub dead_id: i64,
+    pub message_id: String,
+    pub reason: String,
+    pub parked_at: DateTime<Utc>,
+    /// Messages of the key waiting until it is released.
+    pub waiting: i64,
+}
+
+/// Held-back keys, oldest first. Only a key's head can be waiting for a retry (a later
+/// message is never published before an earlier one succeeded), so these are the keyed rows
+/// with attempts > 0 that have no earlier row: `messages_key_retry_idx` finds them.
+pub async fn held_keys(conn: &mut PgConnection, limit: i64) -> Result<Vec<HeldKey>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT m.key, m.topic, m.id, m.message_id, m.attempts, m.available_at, m.last_error,
+                (SELECT count(*) FROM outbox.messages w WHERE w.key = m.key AND w.id > m.id) AS behind
+           FROM outbox.messages m
+          WHERE m.key IS NOT NULL AND m.attempts > 0
+            AND NOT EXISTS (SELECT 1 FROM outbox.messages e WHERE e.key = m.key AND e.id < m.id)
+          ORDER BY m.id
+          LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(HeldKey {
+                key: r.try_get("key")?,
+                topic: r.try_get("topic")?,
+                head_id: r.try_get("id")?,
+                message_id: r.try_get("message_id")?,
+                attempts: r.try_get("attempts")?,
+                next_attempt_at: r.try_get("available_at")?,
+                last_error: r.try_get("last_error")?,
+                behind: r.try_get("behind")?,
+            })
+        })
+        .collect()
+}
+
+pub async fn parked_keys(
+    conn: &mut PgConnection,
+    limit: i64,
+) -> Result<Vec<ParkedKey>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT p.key, p.topic, p.dead_id, p.message_id, p.reason, p.parked_at,
+                (SELECT count(*) FROM outbox.messages w WHERE w.key = p.key) AS waiting
+           FROM outbox.parked_keys p
+          ORDER BY p.parked_at, p.key
+          LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(ParkedKey {
+                key: r.try_get("key")?,
+                topic: r.try_get("topic")?,
+                dead_id: r.try_get("dead_id")?,
+                message_id: r.try_get("message_id")?,
+                reason: r.try_get("reason")?,
+                parked_at: r.try_get("parked_at")?,
+                waiting: r.try_get("waiting")?,
+            })
+        })
+        .collect()
+}
+
+/// Held-back and parked keys per topic, for the gauges.
+pub async fn key_counts(
+    conn: &mut PgConnection,
+) -> Result<(Vec<(String, i64)>, Vec<(String, i64)>), sqlx::Error> {
+    let held = sqlx::query_as(
+        "SELECT topic, count(DISTINCT key) FROM outbox.messages
+          WHERE key IS NOT NULL AND attempts > 0 GROUP BY topic",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let parked = sqlx::query_as("SELECT topic, count(*) FROM outbox.parked_keys GROUP BY topic")
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok((held, parked))
+}
+
+/// Unparks `key`; the dead letter stays. Returns false when the key was not parked.
+pub async fn release(conn: &mut PgConnection, key: &str) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query("DELETE FROM outbox.parked_keys WHERE key = $1")
+        .bind(key)
+        .execute(conn)
+        .await?;
+    Ok(r.rows_affected() > 0)
+}
+
+/// What `keys skip` did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Skipped {
+    /// The head message moved to the dead letters, if the key was held back by a retry.
+    pub dead_lettered: Option<String>,
+    pub unparked: bool,
+}
+
+/// Why `keys skip` could not act.
+#[derive(Debug, thiserror::Error)]
+pub enum SkipError {
+    #[error("key {0:?} is neither held back (its oldest message has not failed) nor parked: nothing to skip")]
+    NothingToSkip(String),
+    #[error("the oldest message of key {0:?} is being published right now: try again in a moment")]
+    InFlight(String),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// Gives up on what blocks `key`: dead-letters its head if the head waits for a retry (the
+/// reason says an operator skipped it), and unparks the key. One transaction.
+pub async fn skip(conn: &mut PgConnection, key: &str) -> Result<Skipped, SkipError> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let head: Option<(i64, String, i32)> = sqlx::query_as(
+        "SELECT id, message_id, attempts FROM outbox.messages WHERE key = $1 ORDER BY id LIMIT 1
+            FOR UPDATE SKIP LOCKED",
+    )
+    .bind(key)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let locked_head: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM outbox.messages WHERE key = $1 AND id < coalesce($2, 9223372036854775807))",
+    )
+    .bind(key)
+    .bind(head.as_ref().map(|h| h.0))
+    .fetch_one(&mut *tx)
+    .await?;
+    if locked_head {
+        return Err(SkipError::InFlight(key.to_string()));
+    }
+    let mut dead_lettered = None;
+    if let Some((id, message_id, attempts)) = head {
+        if attempts > 0 {
+            super::complete::dead_letter(
+                &mut tx,
+                &[id],
+                &[
+                    "skipped by an operator (outbox-relay keys skip) while waiting for a retry"
+                        .to_string(),
+                ],
+            )
+            .await?;
+            dead_lettered = Some(message_id);
+        }
+    }
+    let unparked = release(&mut tx, key).await?;
+    if dead_lettered.is_none() && !unparked {
+        return Err(SkipError::NothingToSkip(key.to_string()));
+    }
+    tx.commit().await?;
+    Ok(Skipped {
+        dead_lettered,
+        unparked,
+    })
+}
