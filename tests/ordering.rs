@@ -3,12 +3,6 @@
 //! [`OrderedTarget`]: another broker plugs in with one implementation in
 //! tests/support/ordering.rs and one `#[tokio::test]` line per scenario.
 
-#[path = "support/amqp.rs"]
-mod amqp_support;
-#[path = "support/kafka.rs"]
-mod kafka_support;
-#[path = "support/ordering.rs"]
-mod ordering_support;
 mod support;
 
 use std::process::Command;
@@ -16,10 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kafka_support::{Storage, TansuBroker};
-use ordering_support::*;
 use outbox_client::{enqueue_many, Message};
 use rand::Rng;
+use support::amqp::AmqpTarget;
+use support::kafka::{KafkaTarget, Storage, TansuBroker};
+use support::ordering::*;
 use support::*;
 
 fn relay_toml(db_url: &str, sink_toml: &str, relay_extra: &str, ordering_extra: &str) -> String {
