@@ -1,7 +1,7 @@
 //! Per-key ordering across relays (docs/ordering.md), end to end on real PostgreSQL and a real
 //! broker, checked by an independent consumer. Each scenario is generic over
-//! [`OrderedTarget`]: another broker plugs in with one implementation in
-//! tests/support/ordering.rs and one `#[tokio::test]` line per scenario.
+//! [`OrderedTarget`]: another broker plugs in with one implementation in its module of the test
+//! kit (crates/outbox-testkit/src/<broker>.rs) and one `#[tokio::test]` line per scenario.
 
 mod support;
 
@@ -476,7 +476,7 @@ async fn amqp_park_and_release() {
 }
 
 /// A tansu broker for one Kafka test, shared by its targets; `None` (the test returns) when
-/// tansu is not installed, see tests/support/kafka.rs.
+/// tansu is not installed, see crates/outbox-testkit/src/kafka.rs.
 async fn tansu() -> Option<Arc<TansuBroker>> {
     TansuBroker::start(Storage::Memory).await.map(Arc::new)
 }
