@@ -401,8 +401,9 @@ routes = [{{ topics = ["*"], topic = "{topic_template}" }}]
 }
 
 /// Kafka (a tansu broker the test owns, shared by the target's runs and kept alive until the
-/// last consumer stops): [`TOPIC`] goes to a Kafka topic of `partitions` partitions, the
-/// outbox key is the Kafka key (one key, one partition); one reader over every partition.
+/// last consumer stops): [`crate::ordering::TOPIC`] goes to a Kafka topic of `partitions`
+/// partitions, the outbox key is the Kafka key (one key, one partition); one reader over every
+/// partition.
 ///
 /// Kafka has no retriable per-message refusal: a broker refuses a record for good (too large,
 /// invalid record, unknown topic, not authorised) and the sink dead-letters it; retriable
