@@ -14,8 +14,6 @@ use std::time::{Duration, Instant};
 
 use outbox_client::{enqueue_many, Message};
 use rand::Rng;
-use support::faults::*;
-use support::pg::OwnedPostgres;
 use support::*;
 
 const TOTAL: usize = 50_000;

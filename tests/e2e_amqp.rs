@@ -3,15 +3,13 @@
 //! arrived. Each test has its own database, exchange and queues (deleted at the end); the broker
 //! restart test runs its own RabbitMQ node.
 
-#[path = "support/amqp.rs"]
-mod amqp_support;
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
-use amqp_support::*;
 use outbox_client::{enqueue, Message};
+use support::amqp::*;
 use support::*;
 
 async fn message_ids(db: &TestDb, topic_like: &str) -> Vec<String> {
@@ -432,7 +430,7 @@ routes = [{{ topics = ["n.*"], subject = "{prefix}.{{topic}}" }}]
     .await;
     node.stop().await;
     wait_until(Duration::from_secs(60), "/readyz reports the AMQP sink down", || async {
-        matches!(http_get(&http, "/readyz"), Some((503, body)) if body.contains(r#""sink":"rabbit","up":false"#))
+        matches!(http::get(&http, "/readyz").await, Some((503, body)) if body.contains(r#""sink":"rabbit","up":false"#))
     })
     .await;
 
@@ -473,7 +471,7 @@ routes = [{{ topics = ["n.*"], subject = "{prefix}.{{topic}}" }}]
     wait_until(
         Duration::from_secs(60),
         "/readyz reports ready again",
-        || async { matches!(http_get(&http, "/readyz"), Some((200, _))) },
+        || async { matches!(http::get(&http, "/readyz").await, Some((200, _))) },
     )
     .await;
     // Count before consuming: a consumer would take messages out of the ready count.
@@ -563,16 +561,16 @@ exchanges = []
             ("RUST_LOG", "trace,sqlx=info,hyper=info,h2=info"),
         ],
     );
-    let mut body = String::new();
-    wait_until(Duration::from_secs(60), "/readyz reports the sink down with the broker's reason", || {
-        let got = http_get(&http, "/readyz");
+    let last = std::sync::Mutex::new(String::new());
+    wait_until(Duration::from_secs(60), "/readyz reports the sink down with the broker's reason", || async {
+        let got = http::get(&http, "/readyz").await;
         if let Some((503, b)) = &got {
-            body = b.clone();
+            *last.lock().unwrap() = b.clone();
         }
-        let ok = matches!(&got, Some((503, b)) if b.contains(r#""sink":"rabbit","up":false"#) && b.contains("ACCESS_REFUSED"));
-        async move { ok }
+        matches!(&got, Some((503, b)) if b.contains(r#""sink":"rabbit","up":false"#) && b.contains("ACCESS_REFUSED"))
     })
     .await;
+    let body = last.into_inner().unwrap();
     let stderr = relay.stderr();
     assert!(
         stderr.contains("amqp://guest:***@127.0.0.1"),
@@ -631,7 +629,7 @@ reconnect_max_secs = 1
         .unwrap();
     let relay = RelayProcess::start(&config);
     wait_until(Duration::from_secs(60), "/readyz names the missing exchange", || async {
-        matches!(http_get(&http, "/readyz"), Some((503, body))
+        matches!(http::get(&http, "/readyz").await, Some((503, body))
             if body.contains("is not usable") && body.contains("NOT_FOUND") && body.contains(&exchange))
     })
     .await;

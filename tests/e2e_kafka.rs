@@ -4,20 +4,18 @@
 //! real broker cannot do on demand (authorisation failures, leader changes) uses librdkafka's
 //! mock cluster against the sink itself.
 
-#[path = "support/kafka.rs"]
-mod kafka_support;
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use chrono::Utc;
-use kafka_support::*;
 use outbox_client::{enqueue, Message};
 use outbox_relay::sinks::kafka::{KafkaConfig, KafkaRoute, KafkaSink};
 use outbox_relay::sinks::{Envelope, ErrorKind, OutboxRow, Outcome, Sink};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use support::kafka::*;
 use support::*;
 
 /// Payload bytes, key, headers and the idempotency key arrive exactly as enqueued; the

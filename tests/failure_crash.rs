@@ -12,7 +12,6 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use outbox_client::{enqueue_many, Message};
-use support::faults::*;
 use support::*;
 
 fn routes(prefix: &str) -> String {
@@ -209,7 +208,7 @@ async fn database_lost_between_publish_and_mark_republishes_as_duplicates() {
     wait_until(
         Duration::from_secs(10),
         "in-flight gauge shows the claimed batch",
-        || async { scrape(http, "outbox_in_flight_messages", &[]).await == 100.0 },
+        || async { http::scrape_metric(http, "outbox_in_flight_messages", &[]).await == 100.0 },
     )
     .await;
     let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
@@ -223,7 +222,9 @@ async fn database_lost_between_publish_and_mark_republishes_as_duplicates() {
     wait_until(
         Duration::from_secs(30),
         "mark failure counted as duplicate risk",
-        || async { scrape(http, "outbox_unmarked_published_total", &[]).await == 100.0 },
+        || async {
+            http::scrape_metric(http, "outbox_unmarked_published_total", &[]).await == 100.0
+        },
     )
     .await;
     wait_until(
@@ -236,11 +237,15 @@ async fn database_lost_between_publish_and_mark_republishes_as_duplicates() {
         Duration::from_secs(10),
         "re-published rows acknowledged as duplicates",
         || async {
-            scrape(http, "outbox_published_total", &[("outcome", "duplicate")]).await == 100.0
+            http::scrape_metric(http, "outbox_published_total", &[("outcome", "duplicate")]).await
+                == 100.0
         },
     )
     .await;
-    assert_eq!(scrape(http, "outbox_in_flight_messages", &[]).await, 0.0);
+    assert_eq!(
+        http::scrape_metric(http, "outbox_in_flight_messages", &[]).await,
+        0.0
+    );
     let got = read_stream(&nats.jetstream().await, &stream).await;
     let got_ids: BTreeSet<String> = got.iter().map(|(id, _)| id.clone()).collect();
     assert_eq!(got_ids, ids, "relay stderr:\n{}", relay.stderr());

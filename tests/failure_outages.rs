@@ -11,8 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use outbox_client::{enqueue_many, Message};
-use support::faults::*;
-use support::pg::OwnedPostgres;
 use support::*;
 
 /// The issue asks for a 30 s outage.
@@ -65,7 +63,8 @@ async fn broker_down_30s_under_load_burns_no_attempts_and_drains_after() {
     };
 
     wait_until(Duration::from_secs(30), "relay delivering", || async {
-        scrape(http, "outbox_published_total", &[("outcome", "delivered")]).await >= 100.0
+        http::scrape_metric(http, "outbox_published_total", &[("outcome", "delivered")]).await
+            >= 100.0
     })
     .await;
 
@@ -74,8 +73,9 @@ async fn broker_down_30s_under_load_burns_no_attempts_and_drains_after() {
         Duration::from_secs(30),
         "/readyz false and sink down while the broker is away",
         || async {
-            let ready = http_get(http, "/readyz").await.map(|(s, _)| s);
-            ready == Some(503) && scrape(http, "outbox_sink_up", &[("sink", "nats")]).await == 0.0
+            let ready = http::get(http, "/readyz").await.map(|(s, _)| s);
+            ready == Some(503)
+                && http::scrape_metric(http, "outbox_sink_up", &[("sink", "nats")]).await == 0.0
         },
     )
     .await;
@@ -106,7 +106,7 @@ async fn broker_down_30s_under_load_burns_no_attempts_and_drains_after() {
     wait_until(
         Duration::from_secs(30),
         "sink up and /readyz true again",
-        || async { http_get(http, "/readyz").await.map(|(s, _)| s) == Some(200) },
+        || async { http::get(http, "/readyz").await.map(|(s, _)| s) == Some(200) },
     )
     .await;
     stop.store(true, Ordering::Release);
@@ -130,14 +130,17 @@ async fn broker_down_30s_under_load_burns_no_attempts_and_drains_after() {
         "every delivered row has attempts = 0"
     );
     assert_eq!(dead, 0);
-    let (_, body) = http_get(http, "/metrics").await.unwrap();
-    assert_eq!(metric(&body, "outbox_retries_total", &[]), 0.0);
+    let (_, body) = http::get(http, "/metrics").await.unwrap();
     assert_eq!(
-        metric(&body, "outbox_published_total", &[("outcome", "retry")]),
+        http::metric_or_zero(&body, "outbox_retries_total", &[]),
         0.0
     );
     assert_eq!(
-        metric(&body, "outbox_published_total", &[("outcome", "dead")]),
+        http::metric_or_zero(&body, "outbox_published_total", &[("outcome", "retry")]),
+        0.0
+    );
+    assert_eq!(
+        http::metric_or_zero(&body, "outbox_published_total", &[("outcome", "dead")]),
         0.0
     );
 
@@ -209,7 +212,7 @@ async fn database_restart_makes_readyz_false_then_the_relay_reconnects() {
     )
     .await;
     wait_until(Duration::from_secs(10), "/readyz true", || async {
-        http_get(http, "/readyz").await.map(|r| r.0) == Some(200)
+        http::get(http, "/readyz").await.map(|r| r.0) == Some(200)
     })
     .await;
 
@@ -218,7 +221,7 @@ async fn database_restart_makes_readyz_false_then_the_relay_reconnects() {
         Duration::from_secs(30),
         "/readyz false while PostgreSQL is down",
         || async {
-            match http_get(http, "/readyz").await {
+            match http::get(http, "/readyz").await {
                 Some((503, body)) => body.contains("\"database\":false"),
                 _ => false,
             }
@@ -226,7 +229,7 @@ async fn database_restart_makes_readyz_false_then_the_relay_reconnects() {
     )
     .await;
     wait_until(Duration::from_secs(30), "outbox_database_up 0", || async {
-        scrape(http, "outbox_database_up", &[]).await == 0.0
+        http::scrape_metric(http, "outbox_database_up", &[]).await == 0.0
     })
     .await;
     assert_eq!(
@@ -261,10 +264,13 @@ async fn database_restart_makes_readyz_false_then_the_relay_reconnects() {
     )
     .await;
     wait_until(Duration::from_secs(30), "/readyz true again", || async {
-        http_get(http, "/readyz").await.map(|r| r.0) == Some(200)
+        http::get(http, "/readyz").await.map(|r| r.0) == Some(200)
     })
     .await;
-    assert_eq!(scrape(http, "outbox_database_up", &[]).await, 1.0);
+    assert_eq!(
+        http::scrape_metric(http, "outbox_database_up", &[]).await,
+        1.0
+    );
     let stderr = relay.stderr();
     assert!(
         stderr.contains("database unavailable; retrying with backoff"),
@@ -369,10 +375,13 @@ async fn one_sink_down_the_other_keeps_flowing() {
         "the down sink's rows wait untouched"
     );
     assert_eq!(
-        scrape(http, "outbox_sink_up", &[("sink", "down")]).await,
+        http::scrape_metric(http, "outbox_sink_up", &[("sink", "down")]).await,
         0.0
     );
-    assert_eq!(scrape(http, "outbox_sink_up", &[("sink", "up")]).await, 1.0);
+    assert_eq!(
+        http::scrape_metric(http, "outbox_sink_up", &[("sink", "up")]).await,
+        1.0
+    );
 
     // Enqueued while the circuit is known open: claimed by the per-topic form of the claim
     // (docs/architecture.md, "While a sink's circuit is open"), which must skip `b.x` entirely.

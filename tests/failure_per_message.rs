@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use outbox_client::{enqueue_many, Message};
-use support::faults::*;
 use support::*;
 
 #[derive(Debug, sqlx::FromRow)]
@@ -200,28 +199,28 @@ async fn permanent_failures_dead_letter_at_once_and_retriable_ones_back_off_then
         Duration::from_secs(20),
         "dead-letter gauge shows every topic",
         || async {
-            let body = http_get(http, "/metrics")
+            let body = http::get(http, "/metrics")
                 .await
                 .map(|(_, b)| b)
                 .unwrap_or_default();
             ["big.a", "badhdr.a", "orphan.x", "lost.a"]
                 .iter()
-                .all(|t| metric(&body, "outbox_dead_letters", &[("topic", t)]) == 1.0)
+                .all(|t| http::metric_or_zero(&body, "outbox_dead_letters", &[("topic", t)]) == 1.0)
         },
     )
     .await;
-    let (_, body) = http_get(http, "/metrics").await.unwrap();
+    let (_, body) = http::get(http, "/metrics").await.unwrap();
     assert_eq!(
-        metric(&body, "outbox_retries_total", &[("topic", "lost.a")]),
+        http::metric_or_zero(&body, "outbox_retries_total", &[("topic", "lost.a")]),
         2.0,
         "{body}"
     );
     assert_eq!(
-        metric(&body, "outbox_published_total", &[("outcome", "dead")]),
+        http::metric_or_zero(&body, "outbox_published_total", &[("outcome", "dead")]),
         4.0
     );
     assert_eq!(
-        metric(
+        http::metric_or_zero(
             &body,
             "outbox_published_total",
             &[("topic", "ok.a"), ("outcome", "delivered")]
@@ -229,7 +228,7 @@ async fn permanent_failures_dead_letter_at_once_and_retriable_ones_back_off_then
         100.0
     );
     assert_eq!(
-        metric(
+        http::metric_or_zero(
             &body,
             "outbox_publish_errors_total",
             &[("error_type", "too_large")]
@@ -237,7 +236,7 @@ async fn permanent_failures_dead_letter_at_once_and_retriable_ones_back_off_then
         1.0
     );
     assert_eq!(
-        metric(
+        http::metric_or_zero(
             &body,
             "outbox_publish_errors_total",
             &[("error_type", "invalid_header")]
@@ -245,7 +244,7 @@ async fn permanent_failures_dead_letter_at_once_and_retriable_ones_back_off_then
         1.0
     );
     assert_eq!(
-        metric(
+        http::metric_or_zero(
             &body,
             "outbox_publish_errors_total",
             &[("error_type", "no_route")]
@@ -253,7 +252,7 @@ async fn permanent_failures_dead_letter_at_once_and_retriable_ones_back_off_then
         1.0
     );
     assert_eq!(
-        metric(
+        http::metric_or_zero(
             &body,
             "outbox_publish_errors_total",
             &[("error_type", "no_stream")]
@@ -261,7 +260,7 @@ async fn permanent_failures_dead_letter_at_once_and_retriable_ones_back_off_then
         3.0
     );
     assert_eq!(
-        metric(&body, "outbox_sink_up", &[("sink", "nats")]),
+        http::metric_or_zero(&body, "outbox_sink_up", &[("sink", "nats")]),
         1.0,
         "per-message failures must not open the circuit"
     );

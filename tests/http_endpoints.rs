@@ -1,8 +1,6 @@
 //! The relay's HTTP server: `/metrics` after real traffic, `/healthz`, and `/readyz` following
 //! the broker (a `nats-server` the test owns, stopped and started again).
 
-#[path = "support/http.rs"]
-mod http;
 mod support;
 
 use std::time::Duration;
@@ -20,7 +18,7 @@ type Labels = Vec<(&'static str, &'static str)>;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_health_and_readiness_follow_traffic_and_broker() {
     let db = TestDb::new().await;
-    let mut nats = NatsServer::start().await;
+    let mut nats = OwnedNats::start("").await;
     let (stream, prefix) = (unique("S"), unique("t"));
     let mut consumer = NatsConsumer::new(&nats.url(), &stream, &[format!("{prefix}.>")]).await;
 
@@ -130,7 +128,7 @@ routes = [{{ topics = ["ok.*"], subject = "{prefix}.{{topic}}" }}]
     assert_eq!(ready["ready"], true);
 
     // The broker goes away while the relay is idle: not ready, with the reason; still alive.
-    nats.stop();
+    nats.kill();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let last = loop {
         let r = http::get(&addr, "/readyz").await;

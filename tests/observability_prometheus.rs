@@ -10,16 +10,14 @@
 //! requires series from each operand without its threshold (see `alert_probes`), and evaluates
 //! the full expression for errors.
 
-#[path = "support/observability.rs"]
-mod observability;
 mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use observability::*;
 use outbox_client::{enqueue_many, Message};
+use support::observability::*;
 use support::*;
 
 fn relay_config(db_url: &str, nats: &str, stream: &str, prefix: &str, http_port: u16) -> String {
@@ -122,7 +120,7 @@ async fn dashboard_and_alert_queries_return_series_from_a_real_prometheus() {
 
     wait_until(Duration::from_secs(30), "relay serves /metrics", || {
         let addr = relay_addr.clone();
-        async move { matches!(http_get(&addr, "/metrics").await, Ok((200, _))) }
+        async move { matches!(http::get(&addr, "/metrics").await, Some((200, _))) }
     })
     .await;
     let arrived = consumer.collect(40, Duration::from_secs(30)).await;

@@ -3,13 +3,11 @@
 //! `promtool check config`, the dashboard's structure and provisioning, and the metrics
 //! catalogue naming every metric the relay registers.
 
-#[path = "support/observability.rs"]
-mod observability;
 mod support;
 
 use std::process::Command;
 
-use observability::*;
+use support::observability::*;
 
 #[test]
 fn alert_rules_pass_promtool_check_and_unit_tests() {

@@ -1,14 +1,8 @@
 //! Per-key ordering across relays (docs/ordering.md), end to end on real PostgreSQL and a real
 //! broker, checked by an independent consumer. Each scenario is generic over
-//! [`OrderedTarget`]: another broker plugs in with one implementation in
-//! tests/support/ordering.rs and one `#[tokio::test]` line per scenario.
+//! [`OrderedTarget`]: another broker plugs in with one implementation in its module of the test
+//! kit (crates/outbox-testkit/src/<broker>.rs) and one `#[tokio::test]` line per scenario.
 
-#[path = "support/amqp.rs"]
-mod amqp_support;
-#[path = "support/kafka.rs"]
-mod kafka_support;
-#[path = "support/ordering.rs"]
-mod ordering_support;
 mod support;
 
 use std::process::Command;
@@ -16,10 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kafka_support::{Storage, TansuBroker};
-use ordering_support::*;
 use outbox_client::{enqueue_many, Message};
 use rand::Rng;
+use support::amqp::AmqpTarget;
+use support::kafka::{KafkaTarget, Storage, TansuBroker};
+use support::ordering::*;
 use support::*;
 
 fn relay_toml(db_url: &str, sink_toml: &str, relay_extra: &str, ordering_extra: &str) -> String {
@@ -481,7 +476,7 @@ async fn amqp_park_and_release() {
 }
 
 /// A tansu broker for one Kafka test, shared by its targets; `None` (the test returns) when
-/// tansu is not installed, see tests/support/kafka.rs.
+/// tansu is not installed, see crates/outbox-testkit/src/kafka.rs.
 async fn tansu() -> Option<Arc<TansuBroker>> {
     TansuBroker::start(Storage::Memory).await.map(Arc::new)
 }

@@ -1,8 +1,6 @@
 //! A relay that dies between publishing and marking: its claim transaction aborts, the rows are
 //! claimed again and re-published with the same `Nats-Msg-Id`, and JetStream drops the repeats.
 
-#[path = "support/http.rs"]
-mod http;
 mod support;
 
 use std::collections::BTreeSet;

@@ -1,8 +1,6 @@
 //! Several relay processes on one database: `FOR UPDATE SKIP LOCKED` hands every row to exactly
 //! one of them, so nothing is missing and nothing is published twice.
 
-#[path = "support/http.rs"]
-mod http;
 mod support;
 
 use std::collections::BTreeSet;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use outbox_relay::config::Config;
 use outbox_relay::sinks::SinkConfig;
+use outbox_testkit::relay::die_with_parent;
 
 use crate::machine;
 
@@ -108,7 +109,8 @@ impl RelayLauncher {
         cmd.stdout(Stdio::null())
             .stderr(stderr)
             .env_remove("RUST_LOG");
-        die_with_bench(&mut cmd);
+        // Dies with the bench: a bench that crashes or is killed leaves no relay behind.
+        die_with_parent(&mut cmd);
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start the relay ({})", self.describe()))?;
@@ -117,22 +119,6 @@ impl RelayLauncher {
             stderr_path,
             config_path,
         })
-    }
-}
-
-/// Makes a child the bench starts (relay, tansu) receive SIGKILL when the bench's main thread
-/// ends, so that a bench that crashes or is killed leaves no process behind. Children are
-/// started from the main thread (the runtime's `block_on` future), which lives until exit.
-pub fn die_with_bench(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl(2) is async-signal-safe and touches only the child being started.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
     }
 }
 

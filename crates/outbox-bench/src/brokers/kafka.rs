@@ -5,12 +5,10 @@
 //!
 //! The broker is either an existing cluster (`--kafka-brokers host:port`) or, by default, a
 //! `tansu` broker (a Kafka-protocol broker in one binary) that the bench starts on a free port
-//! with its own temporary directory and kills when it ends, as the tests do
-//! (tests/support/kafka.rs). Without `tansu` (`$TANSU_BIN`, `PATH`, `~/.cargo/bin`) the Kafka
-//! rows are skipped with the reason.
+//! with its own temporary directory and kills when it ends: the test kit's launcher
+//! (`outbox_testkit::kafka::TansuBroker`), as in the tests. Without `tansu` (`$TANSU_BIN`,
+//! `PATH`, `~/.cargo/bin`) the Kafka rows are skipped with the reason.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,6 +16,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use outbox_relay::sinks::kafka::{KafkaConfig, KafkaRoute};
 use outbox_relay::sinks::{SinkConfig, IDEMPOTENCY_HEADER};
+use outbox_testkit::kafka::{metadata_ok, partition_count, Storage, TansuBroker};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
@@ -28,49 +27,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Broker, Destination, TOPIC};
 
-/// Where the `tansu` binary is: `$TANSU_BIN`, then `PATH`, then `~/.cargo/bin/tansu`.
-fn tansu_bin() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("TANSU_BIN") {
-        return Some(PathBuf::from(p));
-    }
-    let on_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("tansu"))
-            .find(|p| p.is_file())
-    });
-    on_path.or_else(|| {
-        let p = PathBuf::from(std::env::var_os("HOME")?).join(".cargo/bin/tansu");
-        p.is_file().then_some(p)
-    })
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// A tansu broker the bench started; killed (and its directory removed) on drop.
-struct OwnedTansu {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl OwnedTansu {
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-}
-
-impl Drop for OwnedTansu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 pub struct KafkaBroker {
     brokers: String,
     partitions: i32,
@@ -79,7 +35,7 @@ pub struct KafkaBroker {
     replication: i32,
     admin: Arc<AdminClient<DefaultClientContext>>,
     version: String,
-    owned: Option<OwnedTansu>,
+    owned: Option<TansuBroker>,
 }
 
 fn client_config(brokers: &str) -> ClientConfig {
@@ -87,23 +43,6 @@ fn client_config(brokers: &str) -> ClientConfig {
     c.set("bootstrap.servers", brokers)
         .set("socket.connection.setup.timeout.ms", "3000");
     c
-}
-
-/// Whether the cluster answers a metadata request with at least one broker.
-fn metadata_ok(brokers: &str) -> bool {
-    client_config(brokers)
-        .create::<BaseConsumer>()
-        .ok()
-        .and_then(|c| c.fetch_metadata(None, Duration::from_secs(1)).ok())
-        .is_some_and(|m| !m.brokers().is_empty())
-}
-
-/// The partition count of `topic` in the cluster's metadata, once it is complete.
-fn partition_count(brokers: &str, topic: &str) -> Option<usize> {
-    let c = client_config(brokers).create::<BaseConsumer>().ok()?;
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(2)).ok()?;
-    let t = md.topics().iter().find(|t| t.name() == topic)?;
-    t.error().is_none().then(|| t.partitions().len())
 }
 
 impl KafkaBroker {
@@ -124,62 +63,18 @@ impl KafkaBroker {
     /// Starts a tansu broker of the bench's own on a free port. `storage` is `memory` or
     /// `sqlite` (a file in the broker's temporary directory).
     pub async fn start_tansu(storage: &str, partitions: i32) -> anyhow::Result<Self> {
-        let bin = tansu_bin().ok_or_else(|| {
-            anyhow::anyhow!(
-                "tansu not installed (cargo install tansu, or set TANSU_BIN), or pass --kafka-brokers host:port"
-            )
-        })?;
-        let version = Command::new(&bin)
-            .arg("--version")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default();
-        let port = free_port()?;
-        let dir = tempfile::Builder::new()
-            .prefix("outbox-bench-tansu")
-            .tempdir()?;
-        let listener = format!("tcp://127.0.0.1:{port}");
         let engine = match storage {
-            "memory" => "memory://tansu/",
-            // Relative to the working directory: the broker's own directory.
-            _ => "sqlite://tansu.db",
+            "memory" => Storage::Memory,
+            _ => Storage::Sqlite,
         };
-        let log = std::fs::File::create(dir.path().join("tansu.log"))?;
-        let mut cmd = Command::new(&bin);
-        cmd.current_dir(dir.path())
-            .args(["broker", "--listener-url", &listener])
-            .args(["--advertised-listener-url", &listener])
-            .args(["--storage-engine", engine])
-            .env_remove("CLUSTER_ID")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        crate::relay_proc::die_with_bench(&mut cmd);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
-        let mut owned = OwnedTansu { child, dir };
-        let brokers = format!("127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let b = brokers.clone();
-            if tokio::task::spawn_blocking(move || metadata_ok(&b)).await? {
-                break;
-            }
-            if let Some(status) = owned.child.try_wait()? {
-                anyhow::bail!(
-                    "tansu exited while starting ({status}): {}",
-                    owned.log_tail()
-                );
-            }
-            if Instant::now() > deadline {
-                anyhow::bail!("tansu did not answer within 30 s: {}", owned.log_tail());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let version = format!("{} ({storage} storage, started by the bench)", version);
-        Self::with(brokers, partitions, 1, version, Some(owned))
+        let owned = TansuBroker::launch(engine, true)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}; or pass --kafka-brokers host:port"))?;
+        let version = format!(
+            "{} ({storage} storage, started by the bench)",
+            owned.version()
+        );
+        Self::with(owned.brokers(), partitions, 1, version, Some(owned))
     }
 
     fn with(
@@ -187,7 +82,7 @@ impl KafkaBroker {
         partitions: i32,
         replication: i32,
         version: String,
-        owned: Option<OwnedTansu>,
+        owned: Option<TansuBroker>,
     ) -> anyhow::Result<Self> {
         let admin = Arc::new(
             client_config(&brokers)
@@ -221,9 +116,8 @@ impl Broker for KafkaBroker {
 
     async fn prepare(&self, run: &str) -> anyhow::Result<Box<dyn Destination>> {
         if let Some(owned) = &self.owned {
-            let b = self.brokers.clone();
             anyhow::ensure!(
-                tokio::task::spawn_blocking(move || metadata_ok(&b)).await?,
+                owned.answers().await,
                 "the bench's tansu broker stopped answering: {}",
                 owned.log_tail()
             );

@@ -1,17 +1,119 @@
-//! A PostgreSQL server the test owns: `initdb` into a temporary directory, `pg_ctl` on a free
-//! port, its socket in the same directory. Fault tests stop and restart it without disturbing
-//! the shared server on 5432. PostgreSQL refuses to run as root, so when the tests run as root
-//! the server runs as the `postgres` user (`runuser -u postgres --`) and the directory is
-//! handed to that user.
+//! PostgreSQL: [`TestDb`], a fresh migrated database per test on the shared server
+//! (`DATABASE_URL`, default 127.0.0.1:5432), dropped with the value; [`OwnedPostgres`], a server
+//! the caller owns, to stop and restart without disturbing the shared one; probes of the
+//! relay's claim state ([`claimable`], [`wait_for_open_claim`]).
+//!
+//! The owned server: `initdb` into a temporary directory, `pg_ctl` on a free port, its socket
+//! in the same directory. PostgreSQL refuses to run as root, so when the tests run as root the
+//! server runs as the `postgres` user (`runuser -u postgres --`) and the directory is handed to
+//! that user.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use sqlx::{Connection, PgConnection};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
 
-use super::{free_port, unique, wait_until};
+use crate::names::{free_port, unique};
+use crate::wait::wait_until;
 
+/// The shared server's URL: `DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`.
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// Applies the outbox migrations: the kit's one use of the relay library's schema code.
+async fn migrate(pool: &PgPool) {
+    outbox_relay::store::migrate(pool)
+        .await
+        .expect("apply the outbox migrations");
+}
+
+fn with_database(url: &str, db: &str) -> String {
+    let mut u = url::Url::parse(url).expect("DATABASE_URL is a URL");
+    u.set_path(&format!("/{db}"));
+    u.to_string()
+}
+
+/// A database of its own, migrated. Dropped (with FORCE) when the value is dropped.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+    admin_url: String,
+}
+
+impl TestDb {
+    /// A fresh database, migrated.
+    pub async fn new() -> Self {
+        let db = Self::empty().await;
+        migrate(&db.pool).await;
+        db
+    }
+
+    /// A fresh database without the outbox schema (for `outbox-relay migrate` itself).
+    pub async fn empty() -> Self {
+        let admin_url = database_url();
+        let name = unique("outbox_test");
+        let mut admin = PgConnection::connect(&admin_url)
+            .await
+            .expect("connect to PostgreSQL (DATABASE_URL)");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        admin.close().await.ok();
+        let url = with_database(&admin_url, &name);
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&url)
+            .await
+            .unwrap();
+        Self {
+            name,
+            url,
+            pool,
+            admin_url,
+        }
+    }
+
+    pub async fn waiting(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM outbox.messages")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (admin_url, name, pool) =
+            (self.admin_url.clone(), self.name.clone(), self.pool.clone());
+        // Drop runs inside the test's runtime; use a thread with its own runtime.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                // Bounded: with a current-thread test runtime (blocked in this drop), a
+                // connection still being returned to the pool never is, and close() would wait
+                // for ever. DROP DATABASE ... WITH (FORCE) ends any connection left.
+                let _ = tokio::time::timeout(Duration::from_secs(5), pool.close()).await;
+                if let Ok(mut admin) = PgConnection::connect(&admin_url).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut admin)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A PostgreSQL server the caller owns; stopped (immediate) on drop, its directory deleted.
 pub struct OwnedPostgres {
     pub port: u16,
     pub dir: tempfile::TempDir,
@@ -197,12 +299,12 @@ impl OwnedPostgres {
             .unwrap();
         admin.close().await.ok();
         let url = self.url_for(&name);
-        let pool = sqlx::postgres::PgPoolOptions::new()
+        let pool = PgPoolOptions::new()
             .max_connections(2)
             .connect(&url)
             .await
             .unwrap();
-        outbox_relay::store::migrate(&pool).await.unwrap();
+        migrate(&pool).await;
         pool.close().await;
         url
     }
@@ -216,5 +318,44 @@ impl Drop for OwnedPostgres {
                 &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
             );
         }
+    }
+}
+
+/// Rows of this database's outbox that a new claim could lock right now.
+pub async fn claimable(pool: &PgPool) -> i64 {
+    let mut tx = pool.begin().await.unwrap();
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM outbox.messages FOR UPDATE SKIP LOCKED) s",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    n
+}
+
+/// The backend pid of a relay's claim transaction that waits on the broker (`idle in
+/// transaction` in database `db`, its claim statement done: it holds the row locks).
+pub async fn wait_for_open_claim(pool: &PgPool, db: &str, timeout: Duration) -> i32 {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let pid: Option<i32> = sqlx::query_scalar(
+            "SELECT a.pid FROM pg_stat_activity a
+               JOIN pg_locks l ON l.pid = a.pid AND l.relation = 'outbox.messages'::regclass AND l.mode = 'RowShareLock'
+              WHERE a.datname = $1 AND a.application_name = 'outbox-relay' AND a.state = 'idle in transaction'
+              ORDER BY a.state_change LIMIT 1",
+        )
+        .bind(db)
+        .fetch_optional(pool)
+        .await
+        .unwrap();
+        if let Some(pid) = pid {
+            return pid;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no relay claim transaction appeared within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

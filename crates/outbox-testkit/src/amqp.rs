@@ -1,18 +1,15 @@
-//! RabbitMQ helpers for the AMQP end-to-end tests (included with `#[path]` by `e2e_amqp.rs`).
-//!
-//! - [`Topology`]: a per-test exchange and queues on a broker, through a lapin connection
-//!   independent of the relay; deleted by [`Topology::delete`], or on drop when a test panicked.
-//! - [`AmqpConsumer`]: reads a queue and acks what it read, reporting every property the relay
-//!   set.
-//! - [`RabbitNode`]: a RabbitMQ node the test owns (own node name, AMQP and distribution ports,
-//!   data and log directories), for broker stop/start tests that must not disturb the shared
-//!   broker on 5672.
-//! - [`amqp_config`] and [`http_get`] for the relay's config file and its `/readyz`.
-#![allow(dead_code)]
+//! RabbitMQ: [`Topology`], a per-test exchange and queues on a broker through a connection
+//! independent of the relay (deleted by [`Topology::delete`], or on drop when a test
+//! panicked); [`AmqpConsumer`], which reads a queue and acks what it read, reporting every
+//! property the relay set; [`RabbitNode`], a node the caller owns (own node name, AMQP and
+//! distribution ports, data and log directories) for broker stop/start tests that must not
+//! disturb the shared broker at [`amqp_url`]; the relay's AMQP sink config ([`amqp_config`]);
+//! [`AmqpTarget`] for the ordering tests.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -23,8 +20,16 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use crate::support::{free_port, unique, wait_until};
+use crate::names::{free_port, unique};
+use crate::ordering::{read_until_stopped, Arrival, Arrivals, OrderedTarget, BATCH, POLL};
+use crate::wait::{cleanup_on_own_runtime, wait_until};
 
+/// The shared broker: `AMQP_URL`, default `amqp://guest:guest@127.0.0.1:5672/%2f`.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A connection and a channel on it, independent of the relay.
 pub async fn connect(url: &str) -> (Connection, Channel) {
     let conn = Connection::connect(url, ConnectionProperties::default())
         .await
@@ -52,7 +57,7 @@ impl Drop for Topology {
         }
         let (url, exchange, queues) =
             (self.url.clone(), self.exchange.clone(), self.queues.clone());
-        crate::support::cleanup_on_own_runtime(async move {
+        cleanup_on_own_runtime(async move {
             let Ok(conn) = Connection::connect(&url, ConnectionProperties::default()).await else {
                 return;
             };
@@ -273,21 +278,6 @@ routes = [{{ topics = ["*"], exchange = "{exchange}", routing_key = "{{topic}}" 
     )
 }
 
-/// A plain HTTP/1.0 GET; returns the status code and the body.
-pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((status, body))
-}
-
 /// A RabbitMQ node owned by the test: its own node name, AMQP port, distribution port, data
 /// and log directories, config file (listening on 127.0.0.1 only) and no plugins, so stopping
 /// it cannot disturb the shared broker. Stopped (SIGTERM, then SIGKILL) and deleted on drop.
@@ -473,5 +463,79 @@ impl Drop for RabbitNode {
             }
             kill_group(&mut child);
         }
+    }
+}
+
+/// RabbitMQ: the relay publishes to the test's topic exchange with routing key `<prefix>.<key>`;
+/// one durable queue bound with `<prefix>.*` (one queue keeps each key's order). The poisoned
+/// key (it contains a dot) yields `<prefix>.poison.pill`, which the binding does not match:
+/// the message is published `mandatory`, RabbitMQ returns it, and the sink reports a retriable
+/// `unroutable` failure.
+pub struct AmqpTarget {
+    pub url: String,
+    pub exchange: String,
+    pub queue: String,
+    pub prefix: String,
+}
+
+impl AmqpTarget {
+    pub fn new(url: &str) -> Self {
+        Self {
+            url: url.into(),
+            exchange: unique("ord_ex"),
+            queue: unique("ord_q"),
+            prefix: unique("ord"),
+        }
+    }
+}
+
+impl OrderedTarget for AmqpTarget {
+    fn sink_toml(&self) -> String {
+        format!(
+            r#"
+[sinks.rabbit]
+kind = "amqp"
+url = "{url}"
+exchanges = [{{ name = "{exchange}", type = "topic", durable = true }}]
+routes = [{{ topics = ["*"], exchange = "{exchange}", routing_key = "{prefix}.{{key}}" }}]
+"#,
+            url = self.url,
+            exchange = self.exchange,
+            prefix = self.prefix
+        )
+    }
+
+    async fn start_consumer(
+        self,
+        sink: Arrivals,
+        stop: Arc<AtomicBool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let mut topology = Topology::new(&self.url, &self.exchange).await;
+        topology
+            .bind_queue(&self.queue, &format!("{}.*", self.prefix))
+            .await;
+        let consumer = AmqpConsumer::new(&self.url, &self.queue).await;
+        tokio::spawn(async move {
+            let consumer = read_until_stopped(consumer, &sink, &stop, |mut c| async move {
+                let got = c.collect(BATCH, POLL).await;
+                let got = got.into_iter().map(|r| Arrival {
+                    key: r.headers.get("outbox-key").cloned(),
+                    message_id: r.message_id.unwrap_or_default(),
+                    payload: r.payload,
+                });
+                (c, got.collect())
+            })
+            .await;
+            consumer.close().await;
+            topology.delete().await;
+        })
+    }
+
+    fn poison_error(&self) -> &'static str {
+        "unroutable: no queue bound"
+    }
+
+    fn name(&self) -> &'static str {
+        "amqp"
     }
 }

@@ -1,17 +1,15 @@
-//! Harness for the observability tests: the repository's deploy/ files, `promtool` and a
-//! Prometheus server the test owns (free port, temporary storage, killed on drop), a minimal
-//! HTTP client, and the parsing of dashboard and alert queries.
-//!
-//! Used as `#[path = "support/observability.rs"] mod observability;` next to `mod support;`.
-#![allow(dead_code)]
+//! Observability: the repository's deploy/ files, `promtool` and a Prometheus server the
+//! caller owns (free port, temporary storage, killed on drop), and the parsing of dashboard and
+//! alert queries.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use crate::http;
+use crate::names::free_port;
 
-/// The workspace root (this crate is crates/outbox-relay).
+/// The workspace root (this crate is crates/outbox-testkit).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
@@ -64,32 +62,6 @@ pub fn run(cmd: &mut Command) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// A plain HTTP/1.0 GET (no chunked encoding to decode); returns the status and the body.
-pub async fn http_get(addr: &str, path_and_query: &str) -> Result<(u16, String), String> {
-    let io = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(format!("GET {path_and_query} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(buf)
-    };
-    let buf = tokio::time::timeout(Duration::from_secs(10), io)
-        .await
-        .map_err(|_| format!("GET http://{addr}{path_and_query}: no answer in 10 s"))?
-        .map_err(|e| format!("GET http://{addr}{path_and_query}: {e}"))?;
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("malformed HTTP response: {text:.200}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("malformed status line: {head:.200}"))?;
-    Ok((status, body.to_string()))
-}
-
 pub fn urlencode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
@@ -111,7 +83,7 @@ impl PrometheusServer {
         scrape_interval: &str,
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let port = crate::support::free_port();
+        let port = free_port();
         let rules: Vec<String> = rule_files
             .iter()
             .map(|p| format!("  - {:?}", p.display().to_string()))
@@ -143,7 +115,7 @@ impl PrometheusServer {
         let addr = server.addr();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok((200, _)) = http_get(&addr, "/-/ready").await {
+            if let Some((200, _)) = http::get(&addr, "/-/ready").await {
                 break;
             }
             if let Ok(Some(status)) = server.child.try_wait() {
@@ -170,7 +142,10 @@ impl PrometheusServer {
 
     /// GETs an API path and returns the `data` of a `status: success` answer, or the error.
     pub async fn api(&self, path_and_query: &str) -> Result<serde_json::Value, String> {
-        let (code, body) = http_get(&self.addr(), path_and_query).await?;
+        let addr = self.addr();
+        let (code, body) = http::get(&addr, path_and_query)
+            .await
+            .ok_or_else(|| format!("GET http://{addr}{path_and_query}: no answer"))?;
         let v: serde_json::Value = serde_json::from_str(&body)
             .map_err(|e| format!("HTTP {code}, not JSON ({e}): {body:.300}"))?;
         if v["status"] == "success" {

@@ -1,0 +1,161 @@
+//! The relay's (and Prometheus's) HTTP side, without an HTTP client crate: one plain HTTP/1.0
+//! GET ([`get`]), one parser of the Prometheus text format ([`metric`]), `/metrics` scraping,
+//! waiting for `/healthz`, and a relay config with its HTTP server on a given port.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::wait::wait_until;
+
+/// Where an HTTP server listens: a port on 127.0.0.1, or `host:port`.
+pub trait Endpoint {
+    fn host_port(&self) -> String;
+}
+
+impl Endpoint for u16 {
+    fn host_port(&self) -> String {
+        format!("127.0.0.1:{self}")
+    }
+}
+
+impl Endpoint for &str {
+    fn host_port(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl Endpoint for &String {
+    fn host_port(&self) -> String {
+        self.to_string()
+    }
+}
+
+/// `GET path` (with its query) over plain HTTP/1.0 (no chunked encoding to decode): the status
+/// and the body, or `None` while nothing answers (connection refused, no complete answer within
+/// 15 s, a malformed answer).
+pub async fn get(addr: impl Endpoint, path: &str) -> Option<(u16, String)> {
+    let addr = addr.host_port();
+    let connect = tokio::net::TcpStream::connect(addr.as_str());
+    let mut stream = tokio::time::timeout(Duration::from_secs(10), connect)
+        .await
+        .ok()?
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), stream.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
+}
+
+/// The sum of every series of metric `name` whose labels include all of `labels`; `None`
+/// when no series matches. `name` is the exact sample name (e.g. `x_count` for a histogram).
+pub fn metric(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (series_name, label_text) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if series_name != name {
+            continue;
+        }
+        if labels
+            .iter()
+            .all(|(k, v)| label_text.split(',').any(|kv| kv == format!("{k}=\"{v}\"")))
+        {
+            let v: f64 = value.parse().unwrap_or(f64::NAN);
+            found = Some(found.unwrap_or(0.0) + v);
+        }
+    }
+    found
+}
+
+/// [`metric`], 0 when no series matches (a labelled counter not incremented yet).
+pub fn metric_or_zero(body: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric(body, name, labels).unwrap_or(0.0)
+}
+
+/// Scrapes `/metrics`; panics when the server does not answer 200 within 10 s. A relay that
+/// just started hands its port from the start-up server (served while it connects) to the full
+/// one, and a connection attempt in between is refused: retried, as a scraper's next interval
+/// would.
+pub async fn scrape(addr: impl Endpoint) -> String {
+    let addr = addr.host_port();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match get(&addr, "/metrics").await {
+            Some((200, body)) => return body,
+            None if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            other => panic!("GET {addr}/metrics failed: {other:?}"),
+        }
+    }
+}
+
+/// One scrape of `/metrics`, then [`metric_or_zero`]; 0 when the relay does not answer.
+pub async fn scrape_metric(addr: impl Endpoint, name: &str, labels: &[(&str, &str)]) -> f64 {
+    match get(addr, "/metrics").await {
+        Some((200, body)) => metric_or_zero(&body, name, labels),
+        _ => 0.0,
+    }
+}
+
+/// Puts the relay's HTTP server of a config with `listen = ""` (e.g. a
+/// [`crate::nats::nats_config`]) on `127.0.0.1:port`.
+pub fn with_http(config: String, port: u16) -> String {
+    assert!(
+        config.contains("listen = \"\""),
+        "config has no empty http.listen to replace"
+    );
+    config.replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""))
+}
+
+/// Waits until the relay's `/healthz` answers 200.
+pub async fn wait_healthy(addr: impl Endpoint, timeout: Duration) {
+    let addr = addr.host_port();
+    wait_until(timeout, "relay /healthz answers 200", || {
+        let addr = addr.clone();
+        async move { matches!(get(&addr, "/healthz").await, Some((200, _))) }
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BODY: &str = "# HELP x_total a counter\n\
+        # TYPE x_total counter\n\
+        x_total{outcome=\"delivered\",topic=\"a\"} 3\n\
+        x_total{outcome=\"delivered\",topic=\"b\"} 4\n\
+        x_total{outcome=\"retry\",topic=\"a\"} 1\n\
+        x_total_other 9\n\
+        y 2.5\n";
+
+    #[test]
+    fn metric_sums_the_matching_series_only() {
+        assert_eq!(metric(BODY, "x_total", &[]), Some(8.0));
+        assert_eq!(
+            metric(BODY, "x_total", &[("outcome", "delivered")]),
+            Some(7.0)
+        );
+        assert_eq!(
+            metric(BODY, "x_total", &[("outcome", "retry"), ("topic", "a")]),
+            Some(1.0)
+        );
+        assert_eq!(metric(BODY, "y", &[]), Some(2.5));
+        assert_eq!(metric(BODY, "x_total", &[("topic", "c")]), None);
+        assert_eq!(metric_or_zero(BODY, "x_total", &[("topic", "c")]), 0.0);
+    }
+}
