@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod dead;
+#[cfg(feature = "nats")]
 pub mod demo;
 pub mod heartbeat;
 pub mod http;
