@@ -384,6 +384,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(feature = "nats")]
     fn defaults_are_valid_and_route_everything_to_nats() {
         let mut c = Config::default();
         c.apply_default_sink();
