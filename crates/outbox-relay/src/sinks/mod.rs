@@ -20,8 +20,9 @@
 //! A new broker `x` touches:
 //! 1. its folder `sinks/x/`: a config struct (`Serialize`, `Deserialize`, `Default`,
 //!    `deny_unknown_fields`) implementing [`BrokerConfig`], and a [`Sink`];
-//! 2. here, `pub mod x;` and one line in the `sink_kinds!` list below (the `kind = "x"`
-//!    variant of [`SinkConfig`]);
+//! 2. here, `pub mod x;` and one line in the `sink_kinds!` list below: the variant of
+//!    [`SinkConfig`], whose lowercased name is the `kind` value (a unit test checks that it is
+//!    what [`BrokerConfig::kind`] says);
 //! 3. if its client crate is optional, a feature `x = ["dep:…"]` in the crate's `Cargo.toml`
 //!    (and in `default`), named in the `#[cfg]` of both lines above.
 //!
