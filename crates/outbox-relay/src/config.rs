@@ -17,14 +17,11 @@ use serde::{Deserialize, Serialize};
 use crate::error::Error;
 use crate::sinks::SinkConfig;
 
-/// Every default lives here, with the reason for its value.
+/// Every default of the relay itself lives here, with the reason for its value; each sink's
+/// defaults live in its folder (`sinks/<kind>/config.rs`).
 pub mod defaults {
     /// Local PostgreSQL with trust auth, as on a developer machine.
     pub const DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-    /// Local NATS with JetStream.
-    pub const NATS_URL: &str = "nats://127.0.0.1:4222";
-    /// Local RabbitMQ with its stock guest account (which only accepts loopback connections).
-    pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
     /// Big enough that per-batch costs (round trips, fsync) are amortised, small enough that a
     /// batch publishes within a few milliseconds. The claim+delete loop alone runs at about
     /// 24k rows/s at 100 and 86k rows/s at 1,000 on the 2-core reference machine.
@@ -364,10 +361,13 @@ impl Config {
         }
     }
 
-    /// With no sink configured, every topic goes to the local NATS as `outbox.<topic>`.
+    /// With no sink configured, every topic goes to the local NATS as `outbox.<topic>` (or, in
+    /// a build without NATS, to the first broker of [`SinkConfig::local_default`]).
     pub fn apply_default_sink(&mut self) {
         if self.sinks.is_empty() {
-            self.sinks.insert("nats".into(), SinkConfig::default_nats());
+            if let Some(sink) = SinkConfig::local_default() {
+                self.sinks.insert(sink.kind().into(), sink);
+            }
         }
     }
 
@@ -516,6 +516,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(feature = "nats")]
     fn defaults_are_valid_and_route_everything_to_nats() {
         let mut c = Config::default();
         c.apply_default_sink();

@@ -86,26 +86,26 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sinks::nats::{NatsConfig, NatsRoute};
+    use crate::sinks::memory::{MemoryConfig, MemoryRoute};
 
-    fn nats(routes: &[&[&str]]) -> SinkConfig {
-        SinkConfig::Nats(NatsConfig {
+    fn sink(routes: &[&[&str]]) -> SinkConfig {
+        SinkConfig::Memory(MemoryConfig {
             routes: routes
                 .iter()
-                .map(|t| NatsRoute {
+                .map(|t| MemoryRoute {
                     topics: t.iter().map(|s| s.to_string()).collect(),
-                    subject: "x.{topic}".into(),
+                    destination: "x.{topic}".into(),
                 })
                 .collect(),
-            ..NatsConfig::default()
+            ..MemoryConfig::default()
         })
     }
 
     #[test]
     fn exact_beats_pattern_and_first_pattern_wins() {
         let mut sinks = BTreeMap::new();
-        sinks.insert("a".to_string(), nats(&[&["orders.*"], &["*"]]));
-        sinks.insert("b".to_string(), nats(&[&["orders.paid"]]));
+        sinks.insert("a".to_string(), sink(&[&["orders.*"], &["*"]]));
+        sinks.insert("b".to_string(), sink(&[&["orders.paid"]]));
         let r = Router::new(&sinks).unwrap();
         assert_eq!(r.route("orders.paid"), Some(Target { sink: 1, route: 0 }));
         assert_eq!(
@@ -118,7 +118,7 @@ mod tests {
     #[test]
     fn unrouted_topic_is_none() {
         let mut sinks = BTreeMap::new();
-        sinks.insert("a".to_string(), nats(&[&["orders.*"]]));
+        sinks.insert("a".to_string(), sink(&[&["orders.*"]]));
         let r = Router::new(&sinks).unwrap();
         assert_eq!(r.route("users.created"), None);
     }
@@ -126,7 +126,7 @@ mod tests {
     #[test]
     fn empty_topics_is_an_error() {
         let mut sinks = BTreeMap::new();
-        sinks.insert("a".to_string(), nats(&[&[]]));
+        sinks.insert("a".to_string(), sink(&[&[]]));
         let err = Router::new(&sinks).err().unwrap().to_string();
         assert!(err.contains("sinks.a.routes[0].topics is empty"), "{err}");
     }

@@ -5,6 +5,7 @@
 //! stdout or returns `anyhow` errors.
 
 pub mod dead;
+#[cfg(feature = "nats")]
 pub mod demo;
 pub mod keys;
 pub mod status;
@@ -152,7 +153,12 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             crate::store::check_schema(&pool).await?;
             keys::run(&pool, command).await
         }
+        #[cfg(feature = "nats")]
         Command::Demo { count } => demo::run(config, count).await,
+        #[cfg(not(feature = "nats"))]
+        Command::Demo { .. } => anyhow::bail!(
+            "the demo publishes to NATS, and this build has no NATS sink: build with the `nats` feature"
+        ),
     }
 }
 
@@ -214,7 +220,7 @@ fn init_logging(config: &Config, level: &str) {
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    for directive in crate::sinks::amqp::LOG_DIRECTIVES {
+    for directive in crate::sinks::log_directives() {
         if let Ok(d) = directive.parse() {
             filter = filter.add_directive(d);
         }

@@ -1,6 +1,11 @@
+//! `kind = "amqp"`: the RabbitMQ sink's settings, their defaults and their validation.
+
 use serde::{Deserialize, Serialize};
 
 use crate::sinks::{validate_template, RouteTopics};
+
+/// Local RabbitMQ with its stock guest account (which only accepts loopback connections).
+pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// RabbitMQ's default `max_message_size` (128 MiB): a bigger message makes the broker close the
 /// channel, so the sink rejects it before sending.
@@ -42,7 +47,7 @@ pub struct AmqpConfig {
 impl Default for AmqpConfig {
     fn default() -> Self {
         Self {
-            url: crate::config::defaults::AMQP_URL.into(),
+            url: DEFAULT_URL.into(),
             exchanges: vec![AmqpExchange::default()],
             routes: vec![AmqpRoute {
                 topics: vec!["*".into()],

@@ -25,11 +25,48 @@ mod config;
 mod service;
 mod sink;
 
-pub use config::{AmqpConfig, AmqpExchange, AmqpRoute};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+pub use config::{AmqpConfig, AmqpExchange, AmqpRoute, DEFAULT_URL};
 pub use sink::AmqpSink;
+
+use crate::sinks::{route_topics, BrokerConfig, Sink, SinkError};
+
+/// `kind = "amqp"`.
+pub const KIND: &str = "amqp";
 
 /// Log filter directives the binary adds to whatever filter is configured. At trace level lapin
 /// prints every frame it writes, including `connection.start-ok` whose SASL response carries
 /// the password (as a list of byte values); and it logs each returned message, payload and
 /// headers included, at warn level, while this sink already reports unroutable rows itself.
 pub const LOG_DIRECTIVES: &[&str] = &["lapin=info", "lapin::returned_messages=error"];
+
+#[async_trait]
+impl BrokerConfig for AmqpConfig {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        AmqpConfig::validate(self)
+    }
+
+    fn route_topics(&self) -> Vec<&[String]> {
+        route_topics(&self.routes)
+    }
+
+    async fn build(&self, name: &str) -> Result<Arc<dyn Sink>, SinkError> {
+        Ok(Arc::new(AmqpSink::new(name, self.clone()).await?))
+    }
+
+    fn log_directives() -> &'static [&'static str] {
+        LOG_DIRECTIVES
+    }
+
+    /// The local RabbitMQ, every topic to the `outbox` exchange with the topic as routing key.
+    fn local_default() -> Option<Self> {
+        Some(AmqpConfig::default())
+    }
+}

@@ -9,8 +9,8 @@ use lapin::BasicProperties;
 use super::config::AmqpConfig;
 use super::service::{Ack, AmqpService, Outgoing};
 use crate::sinks::{
-    render_template, Envelope, OutboxRow, Outcome, Sink, SinkError, IDEMPOTENCY_HEADER, KEY_HEADER,
-    TOPIC_HEADER,
+    complete_outcomes, message_headers, render_template, Envelope, OutboxRow, Outcome, Sink,
+    SinkError,
 };
 
 /// Delivery mode 2: the broker stores the message on disk (in durable queues).
@@ -68,23 +68,10 @@ impl AmqpSink {
 
     fn properties(&self, row: &OutboxRow) -> Result<BasicProperties, SinkError> {
         let mut headers = FieldTable::default();
-        for (name, value) in &row.headers {
-            let key = ShortString::try_new(name.clone())
+        for (name, value) in message_headers(row) {
+            let key = ShortString::try_new(name.to_owned())
                 .map_err(|e| invalid(format!("header name {name:?} is not valid for AMQP: {e}")))?;
-            headers.insert(key, AMQPValue::LongString(LongString::from(value.clone())));
-        }
-        let mut shared = vec![
-            (IDEMPOTENCY_HEADER, row.message_id.clone()),
-            (TOPIC_HEADER, row.topic.clone()),
-        ];
-        if let Some(key) = &row.key {
-            shared.push((KEY_HEADER, key.clone()));
-        }
-        for (name, value) in shared {
-            headers.insert(
-                ShortString::from(name),
-                AMQPValue::LongString(LongString::from(value)),
-            );
+            headers.insert(key, AMQPValue::LongString(LongString::from(value)));
         }
         let message_id = ShortString::try_new(row.message_id.clone())
             .map_err(|e| invalid(format!("message id is too long for AMQP's message_id: {e}")))?;
@@ -127,7 +114,7 @@ fn header(row: &OutboxRow, name: &str) -> Option<String> {
 #[async_trait]
 impl Sink for AmqpSink {
     fn kind(&self) -> &'static str {
-        "amqp"
+        super::KIND
     }
 
     async fn publish(&self, batch: &[Envelope<'_>]) -> Vec<Outcome> {
@@ -170,14 +157,7 @@ impl Sink for AmqpSink {
                 Ack::Failed(e) => Outcome::Failed(e),
             });
         }
-        outcomes
-            .into_iter()
-            .map(|o| {
-                o.unwrap_or_else(|| {
-                    Outcome::Failed(SinkError::unavailable("internal", "no outcome recorded"))
-                })
-            })
-            .collect()
+        complete_outcomes(outcomes)
     }
 
     async fn check(&self) -> Result<(), SinkError> {

@@ -1,3 +1,6 @@
+//! `kind = "kafka"`: the Kafka sink's settings, their defaults and their validation, and the
+//! librdkafka configuration they become.
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 

@@ -21,5 +21,38 @@ mod service;
 mod sink;
 mod topics;
 
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
 pub use config::{KafkaConfig, KafkaRoute, DEFAULT_BROKERS};
 pub use sink::KafkaSink;
+
+use crate::sinks::{route_topics, BrokerConfig, Sink, SinkError};
+
+/// `kind = "kafka"`.
+pub const KIND: &str = "kafka";
+
+#[async_trait]
+impl BrokerConfig for KafkaConfig {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        KafkaConfig::validate(self)
+    }
+
+    fn route_topics(&self) -> Vec<&[String]> {
+        route_topics(&self.routes)
+    }
+
+    async fn build(&self, name: &str) -> Result<Arc<dyn Sink>, SinkError> {
+        Ok(Arc::new(KafkaSink::new(name, self.clone())?))
+    }
+
+    /// The local Kafka, every topic to the Kafka topic of the same name.
+    fn local_default() -> Option<Self> {
+        Some(KafkaConfig::default())
+    }
+}

@@ -10,8 +10,7 @@ use super::config::{valid_topic_name, KafkaConfig};
 use super::service::{Delivery, KafkaService, Outgoing};
 use super::topics::Topics;
 use crate::sinks::{
-    render_template, Envelope, Outcome, Sink, SinkError, IDEMPOTENCY_HEADER, KEY_HEADER,
-    TOPIC_HEADER,
+    complete_outcomes, message_headers, render_template, Envelope, Outcome, Sink, SinkError,
 };
 
 /// At most this many metadata requests at a time for the new topics of one batch.
@@ -86,16 +85,9 @@ impl KafkaSink {
                 ),
             ));
         }
-        let mut headers: Vec<(String, String)> = row
-            .headers
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+        let headers = message_headers(row)
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
-        headers.push((IDEMPOTENCY_HEADER.into(), row.message_id.clone()));
-        headers.push((TOPIC_HEADER.into(), row.topic.clone()));
-        if let Some(key) = &row.key {
-            headers.push((KEY_HEADER.into(), key.clone()));
-        }
         Ok(Outgoing {
             topic,
             key: row.key.clone(),
@@ -109,7 +101,7 @@ impl KafkaSink {
 #[async_trait]
 impl Sink for KafkaSink {
     fn kind(&self) -> &'static str {
-        "kafka"
+        super::KIND
     }
 
     async fn publish(&self, batch: &[Envelope<'_>]) -> Vec<Outcome> {
@@ -139,7 +131,7 @@ impl Sink for KafkaSink {
                 for slot in slots {
                     outcomes[slot] = Some(Outcome::Failed(e.clone()));
                 }
-                return finish(outcomes);
+                return complete_outcomes(outcomes);
             }
         };
         let (mut produce, mut produce_slots) = (Vec::with_capacity(to_send.len()), Vec::new());
@@ -165,7 +157,7 @@ impl Sink for KafkaSink {
                 }
             });
         }
-        finish(outcomes)
+        complete_outcomes(outcomes)
     }
 
     async fn check(&self) -> Result<(), SinkError> {
@@ -174,15 +166,4 @@ impl Sink for KafkaSink {
             .await
             .map(|_| ())
     }
-}
-
-fn finish(outcomes: Vec<Option<Outcome>>) -> Vec<Outcome> {
-    outcomes
-        .into_iter()
-        .map(|o| {
-            o.unwrap_or_else(|| {
-                Outcome::Failed(SinkError::unavailable("internal", "no outcome recorded"))
-            })
-        })
-        .collect()
 }

@@ -1,6 +1,11 @@
+//! `kind = "nats"`: the NATS sink's settings, their defaults and their validation.
+
 use serde::{Deserialize, Serialize};
 
 use crate::sinks::{validate_template, RouteTopics};
+
+/// Local NATS with JetStream.
+pub const DEFAULT_URL: &str = "nats://127.0.0.1:4222";
 
 /// `kind = "nats"`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -18,7 +23,7 @@ pub struct NatsConfig {
 impl Default for NatsConfig {
     fn default() -> Self {
         Self {
-            url: crate::config::defaults::NATS_URL.into(),
+            url: DEFAULT_URL.into(),
             stream: NatsStreamConfig::default(),
             routes: vec![NatsRoute {
                 topics: vec!["*".into()],

@@ -9,5 +9,38 @@ mod config;
 mod service;
 mod sink;
 
-pub use config::{NatsConfig, NatsRoute, NatsStreamConfig};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+pub use config::{NatsConfig, NatsRoute, NatsStreamConfig, DEFAULT_URL};
 pub use sink::NatsSink;
+
+use crate::sinks::{route_topics, BrokerConfig, Sink, SinkError};
+
+/// `kind = "nats"`.
+pub const KIND: &str = "nats";
+
+#[async_trait]
+impl BrokerConfig for NatsConfig {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        NatsConfig::validate(self)
+    }
+
+    fn route_topics(&self) -> Vec<&[String]> {
+        route_topics(&self.routes)
+    }
+
+    async fn build(&self, name: &str) -> Result<Arc<dyn Sink>, SinkError> {
+        Ok(Arc::new(NatsSink::new(name, self.clone()).await?))
+    }
+
+    /// With no sink configured, every topic goes to the local NATS as `outbox.<topic>`.
+    fn local_default() -> Option<Self> {
+        Some(NatsConfig::default())
+    }
+}

@@ -9,8 +9,7 @@ use bytes::Bytes;
 use super::config::NatsConfig;
 use super::service::{Ack, NatsService, Outgoing, NO_STREAM};
 use crate::sinks::{
-    render_template, Envelope, ErrorKind, Outcome, Sink, SinkError, IDEMPOTENCY_HEADER, KEY_HEADER,
-    TOPIC_HEADER,
+    message_headers, render_template, Envelope, ErrorKind, Outcome, Sink, SinkError,
 };
 
 pub struct NatsSink {
@@ -94,7 +93,7 @@ impl NatsSink {
 #[async_trait]
 impl Sink for NatsSink {
     fn kind(&self) -> &'static str {
-        "nats"
+        super::KIND
     }
 
     async fn publish(&self, batch: &[Envelope<'_>]) -> Vec<Outcome> {
@@ -105,16 +104,9 @@ impl Sink for NatsSink {
             .iter()
             .map(|env| {
                 let row = env.row;
-                let mut headers: Vec<(String, String)> = row
-                    .headers
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
+                let headers = message_headers(row)
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
                     .collect();
-                headers.push((IDEMPOTENCY_HEADER.into(), row.message_id.clone()));
-                headers.push((TOPIC_HEADER.into(), row.topic.clone()));
-                if let Some(key) = &row.key {
-                    headers.push((KEY_HEADER.into(), key.clone()));
-                }
                 Outgoing {
                     subject: render_template(&self.config.routes[env.route].subject, row),
                     message_id: row.message_id.clone(),
