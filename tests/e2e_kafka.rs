@@ -215,12 +215,19 @@ async fn kafka_broker_killed_and_restarted_loses_nothing() {
     assert!(db.waiting().await > 0, "rows wait while the broker is down");
     broker.restart().await;
 
-    wait_until(
-        Duration::from_secs(120),
-        "outbox drained after the broker came back",
-        || async { db.waiting().await == 0 },
-    )
-    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while db.waiting().await > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            let stderr = relay.stderr();
+            let tail: Vec<&str> = stderr.lines().rev().take(60).collect();
+            panic!(
+                "outbox not drained 120 s after the broker came back: {} rows waiting\nrelay stderr (last lines, newest first):\n{}",
+                db.waiting().await,
+                tail.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // A broker outage is the sink's failure, never a message's: nothing was dead-lettered.
     let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox.dead_letters")
         .fetch_one(&db.pool)

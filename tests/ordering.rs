@@ -62,7 +62,7 @@ fn cli(config_path: &std::path::Path, args: &[&str]) -> (bool, String, String) {
     )
 }
 
-/// issue 6: 4 relays, 200 keys, 50,000 messages, random per-message failures, relays killed
+/// 4 relays, 200 keys, 50,000 messages, random per-message failures, relays killed
 /// (SIGKILL), stopped (SIGTERM) and added mid-run: every key arrives in enqueue order, a
 /// repeat only as an exact copy, nothing lost, nothing dead.
 async fn ordered_under_failures_kills_and_joins<T: OrderedTarget>(target: T) {
@@ -186,7 +186,7 @@ async fn ordered_under_failures_kills_and_joins<T: OrderedTarget>(target: T) {
     consumer.await.unwrap();
 }
 
-/// issue 6: one poisoned key (the broker always refuses it) does not slow the others. Prints
+/// one poisoned key (the broker always refuses it) does not slow the others. Prints
 /// the other keys' throughput with and without it; checks the poisoned key is held back, never
 /// published, listed by `keys list`, and that `keys skip` dead-letters its head.
 async fn poisoned_key_does_not_slow_the_others<T: OrderedTarget, F: Fn() -> T>(make_target: F) {
@@ -361,7 +361,7 @@ async fn poisoned_key_does_not_slow_the_others<T: OrderedTarget, F: Fn() -> T>(m
     );
 }
 
-/// issue 6: `on_dead = "park"`: a dead-lettered message parks its key (later messages wait,
+/// `on_dead = "park"`: a dead-lettered message parks its key (later messages wait,
 /// untouched); `keys release` lets the next one be tried; other keys are not affected.
 async fn park_and_release<T: OrderedTarget>(target: T) {
     let db = TestDb::new().await;

@@ -1,6 +1,6 @@
 //! Database ceiling, drain and scale: how fast a backlog of `--messages` rows empties.
 //!
-//! The ceiling runs the relay's own SQL (the claim the drain's relay runs, and `db::mark_sent`, in
+//! The ceiling runs the relay's own SQL (the claim the drain's relay runs, and `store::mark_sent`, in
 //! a BEGIN/COMMIT loop, same batch size and worker count as the relay, on a pool opened by
 //! `outbox_relay::store::connect`) with no broker at all. With ordering on (the default) the relay
 //! runs the ordered claim (`outbox_relay::store::claim_ordered`, every slot owned, as by a single

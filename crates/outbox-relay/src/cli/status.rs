@@ -3,11 +3,11 @@
 //! `--watch`, a live view refreshed every second (JSON: one object per line).
 //!
 //! Everything comes from the database, so `status` works from any machine that reaches it and
-//! sees every relay at once: the lag from [`db::lag`] (no table scan), dead letters from
+//! sees every relay at once: the lag from [`store::lag`] (no table scan), dead letters from
 //! `outbox.dead_letters`, and sink health and publish rates from the heartbeat rows the relays
 //! write into `outbox.relays` ([`crate::cluster`]). A sink is shown `up` when every relay with
 //! a fresh heartbeat reports it up; the publish rate of a topic is the sum of the rates those
-//! relays measured over their last heartbeat interval (`relay.heartbeat_interval_secs`).
+//! relays measured over their last heartbeat interval (`cluster.heartbeat_ms`).
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -31,7 +31,7 @@ pub struct Status {
     pub relays: Vec<RelayRow>,
     /// Relays whose heartbeat is fresh (at most three intervals old).
     pub live_relays: usize,
-    /// ordering (issue 6): held-back and parked keys (at most 20 of each).
+    /// Ordering: held-back and parked keys (at most 20 of each).
     pub keys: keys::KeysStatus,
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use rand::Rng;
 use sqlx::{PgConnection, Postgres, Transaction};
 
-use super::RowOutcome;
+use super::outcome::RowOutcome;
 use crate::config::RelayConfig;
 use crate::message::OutboxRow;
 use crate::sinks::{ErrorKind, Outcome};

@@ -17,7 +17,7 @@ use futures::future::join_all;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
-use super::RowOutcome;
+use super::outcome::RowOutcome;
 use crate::config::Config;
 use crate::message::OutboxRow;
 use crate::metrics::Metrics;

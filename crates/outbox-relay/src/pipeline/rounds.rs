@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::dispatch::Dispatcher;
-use super::RowOutcome;
+use super::outcome::RowOutcome;
 use crate::message::OutboxRow;
 use crate::routing::Target;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::Utc;
 
 use super::complete::{Action, Completion};
-use super::RowOutcome;
+use super::outcome::RowOutcome;
 use crate::message::OutboxRow;
 use crate::metrics::Metrics;
 

@@ -4,7 +4,7 @@
 //! registry. It publishes the whole batch with many acknowledgements outstanding, awaits them,
 //! and reports per row whether the broker confirmed it ([`Outcome::Delivered`],
 //! [`Outcome::Duplicate`]) or why not ([`Outcome::Failed`]). The relay marks only confirmed rows
-//! sent; everything else follows the retry policy in [`crate::relay`].
+//! sent; everything else follows the retry policy in `pipeline::complete`.
 //!
 //! This module also owns what every sink shares: the [`SinkConfig`] enum the configuration
 //! selects a kind with, the [`BrokerConfig`] trait each kind's configuration implements, the

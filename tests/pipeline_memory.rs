@@ -1,0 +1,264 @@
+//! The pipeline against the in-memory sink and a real PostgreSQL: retries with backoff,
+//! dead-lettering, the circuit breaker, routing failures and per-key hold-back, each in a
+//! relay running in this process, with the sink's outcomes scripted per message. No broker,
+//! so these run in a second or two each.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use outbox_client::{enqueue, Message};
+use outbox_relay::config::Config;
+use outbox_relay::metrics::Metrics;
+use outbox_relay::relay::Relay;
+use outbox_relay::sinks::memory::{MemoryConfig, MemoryRoute, MemorySink};
+use outbox_relay::sinks::{ErrorKind, SinkConfig};
+use support::*;
+use tokio_util::sync::CancellationToken;
+
+/// A relay in this process, publishing `topics` to the memory sink `sink`; stopped on drop.
+struct MemoryRelay {
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+    metrics: Arc<Metrics>,
+}
+
+impl MemoryRelay {
+    async fn start(db: &TestDb, sink: &str, topics: &[&str], ordered: bool) -> Self {
+        let mut config = Config::default();
+        config.database.url = db.url.clone();
+        config.http.listen = String::new();
+        config.relay.retry_initial_ms = 20;
+        config.relay.retry_max_secs = 1;
+        config.relay.max_attempts = 3;
+        config.relay.idle_poll_ms = 5;
+        config.relay.poll_interval_ms = 50;
+        config.ordering.enabled = ordered;
+        config.cluster.heartbeat_ms = 100;
+        config.cluster.lease_ms = 1_000;
+        config.sinks = BTreeMap::from([(
+            sink.to_string(),
+            SinkConfig::Memory(MemoryConfig {
+                routes: vec![MemoryRoute {
+                    topics: topics.iter().map(|t| t.to_string()).collect(),
+                    destination: "{topic}".into(),
+                }],
+                deduplicate: true,
+            }),
+        )]);
+        config.validate().unwrap();
+        let pool = outbox_relay::relay::connect_with_retry(&config, &CancellationToken::new())
+            .await
+            .unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let shutdown = CancellationToken::new();
+        let relay = Relay::build(&config, pool, Arc::clone(&metrics), shutdown.clone())
+            .await
+            .unwrap();
+        Self {
+            shutdown,
+            task: Some(tokio::spawn(relay.run())),
+            metrics,
+        }
+    }
+
+    async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("the relay stops within 10 s")
+                .unwrap();
+        }
+    }
+
+    fn counter(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        http::metric(&self.metrics.render(), name, labels).unwrap_or(0.0)
+    }
+}
+
+impl Drop for MemoryRelay {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn enqueue_one(db: &TestDb, message: Message) -> String {
+    let mut tx = db.pool.begin().await.unwrap();
+    let e = enqueue(&mut tx, &message).await.unwrap();
+    tx.commit().await.unwrap();
+    e.message_id
+}
+
+async fn dead_letter(db: &TestDb, message_id: &str) -> Option<(i32, String)> {
+    sqlx::query_as("SELECT attempts, last_error FROM outbox.dead_letters WHERE message_id = $1")
+        .bind(message_id)
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retriable_failures_are_retried_with_backoff_until_delivered() {
+    let db = TestDb::new().await;
+    let name = unique("mem");
+    let sink = MemorySink::shared(&name);
+    let topic = unique("t");
+    let relay = MemoryRelay::start(&db, &name, &[&topic], false).await;
+    let id = uuid::Uuid::now_v7().to_string();
+    sink.fail(id.clone(), ErrorKind::Retriable, 2);
+    enqueue_one(&db, Message::bytes(&topic, b"x".to_vec()).message_id(&id)).await;
+
+    let delivered = sink.wait_delivered(1, Duration::from_secs(20)).await;
+    assert_eq!(delivered[0].message_id, id);
+    let attempts: Vec<i32> = sink
+        .published()
+        .iter()
+        .filter(|p| p.message_id == id)
+        .map(|p| p.attempts)
+        .collect();
+    assert_eq!(attempts, [0, 1, 2], "two failed attempts, then delivered");
+    wait_until(Duration::from_secs(10), "the row is marked sent", || async {
+        db.waiting().await == 0
+    })
+    .await;
+    assert_eq!(relay.counter("outbox_retries_total", &[("topic", &topic)]), 2.0);
+    assert_eq!(
+        relay.counter(
+            "outbox_published_total",
+            &[("topic", &topic), ("outcome", "delivered")]
+        ),
+        1.0
+    );
+    relay.stop().await;
+    MemorySink::unregister(&name);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_and_permanent_failures_are_dead_lettered_with_their_reason() {
+    let db = TestDb::new().await;
+    let name = unique("mem");
+    let sink = MemorySink::shared(&name);
+    let topic = unique("t");
+    let relay = MemoryRelay::start(&db, &name, &[&topic], false).await;
+    let (retried, rejected) = (
+        uuid::Uuid::now_v7().to_string(),
+        uuid::Uuid::now_v7().to_string(),
+    );
+    sink.fail(retried.clone(), ErrorKind::Retriable, 10);
+    sink.fail(rejected.clone(), ErrorKind::Permanent, 1);
+    enqueue_one(&db, Message::bytes(&topic, b"r".to_vec()).message_id(&retried)).await;
+    enqueue_one(&db, Message::bytes(&topic, b"p".to_vec()).message_id(&rejected)).await;
+
+    wait_until(Duration::from_secs(20), "both rows dead-lettered", || async {
+        dead_letter(&db, &retried).await.is_some() && dead_letter(&db, &rejected).await.is_some()
+    })
+    .await;
+    let (attempts, error) = dead_letter(&db, &retried).await.unwrap();
+    assert_eq!(attempts, 3, "relay.max_attempts = 3");
+    assert!(error.contains("gave up after 3 attempts"), "{error}");
+    let (attempts, _) = dead_letter(&db, &rejected).await.unwrap();
+    assert_eq!(attempts, 1, "a permanent failure is not retried");
+    assert_eq!(db.waiting().await, 0);
+    assert!(sink.delivered().is_empty());
+    relay.stop().await;
+    MemorySink::unregister(&name);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unrouted_topic_is_dead_lettered_as_no_route() {
+    let db = TestDb::new().await;
+    let name = unique("mem");
+    let topic = unique("t");
+    let relay = MemoryRelay::start(&db, &name, &[&topic], false).await;
+    let stray = enqueue_one(&db, Message::bytes(unique("nowhere"), b"?".to_vec())).await;
+    wait_until(Duration::from_secs(10), "the stray row dead-lettered", || async {
+        dead_letter(&db, &stray).await.is_some()
+    })
+    .await;
+    let (_, error) = dead_letter(&db, &stray).await.unwrap();
+    assert!(error.contains("no route matches topic"), "{error}");
+    assert_eq!(
+        relay.counter("outbox_publish_errors_total", &[("error_type", "no_route")]),
+        1.0
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unavailable_sink_opens_the_circuit_counts_no_attempt_and_drains_after() {
+    let db = TestDb::new().await;
+    let name = unique("mem");
+    let sink = MemorySink::shared(&name);
+    sink.set_available(false);
+    let topic = unique("t");
+    let relay = MemoryRelay::start(&db, &name, &[&topic], false).await;
+    for i in 0..20u8 {
+        enqueue_one(&db, Message::bytes(&topic, vec![i])).await;
+    }
+    wait_until(Duration::from_secs(10), "the circuit opens", || async {
+        relay.counter("outbox_sink_up", &[("sink", &name)]) == 0.0
+            && sink.check_calls() >= 2
+    })
+    .await;
+    let attempts: i64 = sqlx::query_scalar("SELECT coalesce(sum(attempts), 0) FROM outbox.messages")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 0, "an outage burns no attempts");
+    assert_eq!(db.waiting().await, 20);
+
+    sink.set_available(true);
+    sink.wait_delivered(20, Duration::from_secs(20)).await;
+    wait_until(Duration::from_secs(10), "the backlog drains", || async {
+        db.waiting().await == 0
+    })
+    .await;
+    assert_eq!(relay.counter("outbox_sink_up", &[("sink", &name)]), 1.0);
+    relay.stop().await;
+    MemorySink::unregister(&name);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_a_failed_head_holds_back_its_key_only_and_order_holds() {
+    let db = TestDb::new().await;
+    let name = unique("mem");
+    let sink = MemorySink::shared(&name);
+    let topic = unique("t");
+    let head = uuid::Uuid::now_v7().to_string();
+    sink.fail(head.clone(), ErrorKind::Retriable, 1);
+    // One transaction: the key's rows are claimed in one batch behind a failing head.
+    let mut tx = db.pool.begin().await.unwrap();
+    enqueue(&mut tx, &Message::bytes(&topic, b"0".to_vec()).key("k").message_id(&head))
+        .await
+        .unwrap();
+    for i in 1..5u8 {
+        enqueue(&mut tx, &Message::bytes(&topic, vec![i]).key("k")).await.unwrap();
+        enqueue(&mut tx, &Message::bytes(&topic, vec![i]).key("other")).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let relay = MemoryRelay::start(&db, &name, &[&topic], true).await;
+
+    let delivered = sink.wait_delivered(9, Duration::from_secs(20)).await;
+    let of_k: Vec<Vec<u8>> = delivered
+        .iter()
+        .filter(|p| p.key.as_deref() == Some("k"))
+        .map(|p| p.payload.clone())
+        .collect();
+    assert_eq!(of_k, [vec![b'0'], vec![1], vec![2], vec![3], vec![4]], "key order");
+    let first_k = sink
+        .published()
+        .iter()
+        .position(|p| p.key.as_deref() == Some("k") && p.message_id != head);
+    let failed_head = sink.published().iter().position(|p| p.message_id == head);
+    assert!(failed_head < first_k, "nothing of k was published before its head failed");
+    assert_eq!(
+        relay.counter("outbox_publish_errors_total", &[("error_type", "held_back")]),
+        0.0,
+        "held-back rows are not errors"
+    );
+    relay.stop().await;
+    MemorySink::unregister(&name);
+}
