@@ -120,11 +120,16 @@ async fn retriable_failures_are_retried_with_backoff_until_delivered() {
         .map(|p| p.attempts)
         .collect();
     assert_eq!(attempts, [0, 1, 2], "two failed attempts, then delivered");
-    wait_until(Duration::from_secs(10), "the row is marked sent", || async {
-        db.waiting().await == 0
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "the row is marked sent",
+        || async { db.waiting().await == 0 },
+    )
     .await;
-    assert_eq!(relay.counter("outbox_retries_total", &[("topic", &topic)]), 2.0);
+    assert_eq!(
+        relay.counter("outbox_retries_total", &[("topic", &topic)]),
+        2.0
+    );
     assert_eq!(
         relay.counter(
             "outbox_published_total",
@@ -149,12 +154,25 @@ async fn exhausted_and_permanent_failures_are_dead_lettered_with_their_reason() 
     );
     sink.fail(retried.clone(), ErrorKind::Retriable, 10);
     sink.fail(rejected.clone(), ErrorKind::Permanent, 1);
-    enqueue_one(&db, Message::bytes(&topic, b"r".to_vec()).message_id(&retried)).await;
-    enqueue_one(&db, Message::bytes(&topic, b"p".to_vec()).message_id(&rejected)).await;
+    enqueue_one(
+        &db,
+        Message::bytes(&topic, b"r".to_vec()).message_id(&retried),
+    )
+    .await;
+    enqueue_one(
+        &db,
+        Message::bytes(&topic, b"p".to_vec()).message_id(&rejected),
+    )
+    .await;
 
-    wait_until(Duration::from_secs(20), "both rows dead-lettered", || async {
-        dead_letter(&db, &retried).await.is_some() && dead_letter(&db, &rejected).await.is_some()
-    })
+    wait_until(
+        Duration::from_secs(20),
+        "both rows dead-lettered",
+        || async {
+            dead_letter(&db, &retried).await.is_some()
+                && dead_letter(&db, &rejected).await.is_some()
+        },
+    )
     .await;
     let (attempts, error) = dead_letter(&db, &retried).await.unwrap();
     assert_eq!(attempts, 3, "relay.max_attempts = 3");
@@ -174,9 +192,11 @@ async fn an_unrouted_topic_is_dead_lettered_as_no_route() {
     let topic = unique("t");
     let relay = MemoryRelay::start(&db, &name, &[&topic], false).await;
     let stray = enqueue_one(&db, Message::bytes(unique("nowhere"), b"?".to_vec())).await;
-    wait_until(Duration::from_secs(10), "the stray row dead-lettered", || async {
-        dead_letter(&db, &stray).await.is_some()
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "the stray row dead-lettered",
+        || async { dead_letter(&db, &stray).await.is_some() },
+    )
     .await;
     let (_, error) = dead_letter(&db, &stray).await.unwrap();
     assert!(error.contains("no route matches topic"), "{error}");
@@ -199,14 +219,14 @@ async fn an_unavailable_sink_opens_the_circuit_counts_no_attempt_and_drains_afte
         enqueue_one(&db, Message::bytes(&topic, vec![i])).await;
     }
     wait_until(Duration::from_secs(10), "the circuit opens", || async {
-        relay.counter("outbox_sink_up", &[("sink", &name)]) == 0.0
-            && sink.check_calls() >= 2
+        relay.counter("outbox_sink_up", &[("sink", &name)]) == 0.0 && sink.check_calls() >= 2
     })
     .await;
-    let attempts: i64 = sqlx::query_scalar("SELECT coalesce(sum(attempts), 0) FROM outbox.messages")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let attempts: i64 =
+        sqlx::query_scalar("SELECT coalesce(sum(attempts), 0) FROM outbox.messages")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     assert_eq!(attempts, 0, "an outage burns no attempts");
     assert_eq!(db.waiting().await, 20);
 
@@ -231,12 +251,21 @@ async fn ordered_a_failed_head_holds_back_its_key_only_and_order_holds() {
     sink.fail(head.clone(), ErrorKind::Retriable, 1);
     // One transaction: the key's rows are claimed in one batch behind a failing head.
     let mut tx = db.pool.begin().await.unwrap();
-    enqueue(&mut tx, &Message::bytes(&topic, b"0".to_vec()).key("k").message_id(&head))
-        .await
-        .unwrap();
+    enqueue(
+        &mut tx,
+        &Message::bytes(&topic, b"0".to_vec())
+            .key("k")
+            .message_id(&head),
+    )
+    .await
+    .unwrap();
     for i in 1..5u8 {
-        enqueue(&mut tx, &Message::bytes(&topic, vec![i]).key("k")).await.unwrap();
-        enqueue(&mut tx, &Message::bytes(&topic, vec![i]).key("other")).await.unwrap();
+        enqueue(&mut tx, &Message::bytes(&topic, vec![i]).key("k"))
+            .await
+            .unwrap();
+        enqueue(&mut tx, &Message::bytes(&topic, vec![i]).key("other"))
+            .await
+            .unwrap();
     }
     tx.commit().await.unwrap();
     let relay = MemoryRelay::start(&db, &name, &[&topic], true).await;
@@ -247,15 +276,25 @@ async fn ordered_a_failed_head_holds_back_its_key_only_and_order_holds() {
         .filter(|p| p.key.as_deref() == Some("k"))
         .map(|p| p.payload.clone())
         .collect();
-    assert_eq!(of_k, [vec![b'0'], vec![1], vec![2], vec![3], vec![4]], "key order");
+    assert_eq!(
+        of_k,
+        [vec![b'0'], vec![1], vec![2], vec![3], vec![4]],
+        "key order"
+    );
     let first_k = sink
         .published()
         .iter()
         .position(|p| p.key.as_deref() == Some("k") && p.message_id != head);
     let failed_head = sink.published().iter().position(|p| p.message_id == head);
-    assert!(failed_head < first_k, "nothing of k was published before its head failed");
+    assert!(
+        failed_head < first_k,
+        "nothing of k was published before its head failed"
+    );
     assert_eq!(
-        relay.counter("outbox_publish_errors_total", &[("error_type", "held_back")]),
+        relay.counter(
+            "outbox_publish_errors_total",
+            &[("error_type", "held_back")]
+        ),
         0.0,
         "held-back rows are not errors"
     );

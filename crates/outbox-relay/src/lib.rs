@@ -16,6 +16,10 @@
 //! - [`config`], [`routing`], [`message`], [`error`], [`redact`]: the shared vocabulary;
 //! - [`cli`]: the binary's commands (the only place that prints or uses `anyhow`).
 
+#![forbid(unsafe_code)]
+// Only the binary's command modules (`cli/`) print.
+#![warn(clippy::print_stdout, clippy::print_stderr)]
+
 pub mod cli;
 pub mod cluster;
 pub mod config;

@@ -4,6 +4,8 @@
 //! The command modules below are the binary's: the only code of the crate that prints to
 //! stdout or returns `anyhow` errors.
 
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
 pub mod dead;
 #[cfg(feature = "nats")]
 pub mod demo;

@@ -81,4 +81,3 @@ impl RowOutcome {
         Failure { kind, message }
     }
 }
-
