@@ -220,10 +220,19 @@ async fn kafka_broker_killed_and_restarted_loses_nothing() {
         if tokio::time::Instant::now() >= deadline {
             let stderr = relay.stderr();
             let tail: Vec<&str> = stderr.lines().rev().take(60).collect();
+            let heads: Vec<(Option<String>, i32, Option<String>, f64)> = sqlx::query_as(
+                "SELECT DISTINCT ON (key) key, attempts, last_error,
+                        extract(epoch FROM available_at - now())::float8
+                   FROM outbox.messages ORDER BY key, id",
+            )
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
             panic!(
-                "outbox not drained 120 s after the broker came back: {} rows waiting\nrelay stderr (last lines, newest first):\n{}",
+                "outbox not drained 120 s after the broker came back: {} rows waiting\nthe oldest row of each key (key, attempts, last error, due in s): {heads:#?}\nrelay stderr (last lines, newest first):\n{}\ntansu log (tail):\n{}",
                 db.waiting().await,
-                tail.join("\n")
+                tail.join("\n"),
+                broker.log_tail()
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

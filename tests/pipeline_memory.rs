@@ -298,6 +298,60 @@ async fn ordered_a_failed_head_holds_back_its_key_only_and_order_holds() {
         0.0,
         "held-back rows are not errors"
     );
+    assert!(
+        relay.counter(
+            "outbox_published_total",
+            &[("topic", &topic), ("outcome", "held_back")]
+        ) >= 4.0,
+        "k's four later rows were held back behind its failed head"
+    );
+    assert_eq!(
+        relay.counter(
+            "outbox_published_total",
+            &[("topic", &topic), ("outcome", "released")]
+        ),
+        0.0,
+        "`released` means the sink was down, and it was not"
+    );
     relay.stop().await;
     MemorySink::unregister(&name);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_cannot_publish_gives_its_ordering_slots_to_the_others() {
+    let db = TestDb::new().await;
+    let (good, bad) = (unique("good"), unique("bad"));
+    let good_sink = MemorySink::shared(&good);
+    MemorySink::shared(&bad).set_available(false);
+    let topic = unique("t");
+    let healthy = MemoryRelay::start(&db, &good, &[&topic], true).await;
+    let broken = MemoryRelay::start(&db, &bad, &[&topic], true).await;
+    let mut tx = db.pool.begin().await.unwrap();
+    for i in 0..200u32 {
+        let key = format!("key-{}", i % 50);
+        enqueue(
+            &mut tx,
+            &Message::bytes(&topic, i.to_be_bytes().to_vec()).key(key),
+        )
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    // Every key, whichever relay held its slot at first, is published by the healthy relay.
+    let delivered = good_sink.wait_delivered(200, Duration::from_secs(30)).await;
+    assert_eq!(delivered.len(), 200);
+    wait_until(
+        Duration::from_secs(10),
+        "the healthy relay holds every slot, the broken one none",
+        || async {
+            healthy.counter("outbox_partitions_owned", &[]) == 256.0
+                && broken.counter("outbox_partitions_owned", &[]) == 0.0
+        },
+    )
+    .await;
+    healthy.stop().await;
+    broken.stop().await;
+    MemorySink::unregister(&good);
+    MemorySink::unregister(&bad);
 }

@@ -76,7 +76,15 @@ impl RelayLauncher {
         config
             .validate()
             .map_err(|e| anyhow::anyhow!("benchmark relay config: {e}"))?;
-        Ok(toml::to_string(&config)?)
+        // A section left at its defaults is omitted, so that a relay binary of an earlier
+        // version (`--relay-bin`, for runs paired against it) reads the file too.
+        let mut value = toml::Value::try_from(&config)?;
+        if config.cluster == outbox_relay::config::ClusterConfig::default() {
+            if let Some(table) = value.as_table_mut() {
+                table.remove("cluster");
+            }
+        }
+        Ok(toml::to_string(&value)?)
     }
 
     /// Starts one relay process (`ordering`: see [`RelayLauncher::config_toml`]).

@@ -227,7 +227,7 @@ impl Report {
             .collect();
 
         let mut targets = Vec::new();
-        for (sink, need) in [("nats", 80.0), ("kafka", 70.0), ("amqp", 60.0)] {
+        for &(sink, need) in crate::brokers::DRAIN_TARGETS_PCT {
             let s = self.drain_summary.iter().find(|d| d.sink == sink);
             targets.push(Target {
                 name: format!("drain to {sink}"),

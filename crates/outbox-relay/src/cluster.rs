@@ -92,6 +92,7 @@ impl Member {
         let mut gauges_at = Instant::now();
         let mut last: Option<(i64, usize)> = None;
         let mut failing = false;
+        let mut last_eligible = true;
         tracing::info!(relay_id = %id.relay_id, hostname = %id.hostname, "relay heartbeat started");
         loop {
             tokio::select! {
@@ -103,10 +104,21 @@ impl Member {
                 sinks: ctx.dispatcher.health(),
                 publish_rates: rates.update(started, delivered_totals(&ctx.metrics)),
             };
+            // A relay none of whose sinks can publish holds no slots: the healthy relays take
+            // its keys over (ordering never depends on who holds a slot, docs/ordering.md).
+            let can_publish = report.sinks.iter().any(|s| s.up);
+            if self.slots.is_some() && can_publish != last_eligible {
+                if can_publish {
+                    tracing::info!(relay_id = %id.relay_id, "a sink is up again: taking ordering slots again");
+                } else {
+                    tracing::warn!(relay_id = %id.relay_id, "no sink can publish: giving up this relay's ordering slots to the other relays");
+                }
+                last_eligible = can_publish;
+            }
             let leases = self.slots.as_ref().map(|_| Leases {
                 lease: self.config.lease(),
                 slots: SLOTS,
-                eligible: true,
+                eligible: can_publish,
             });
             let beat = async {
                 let mut conn = ctx.pool.acquire().await?;

@@ -37,6 +37,11 @@ pub struct BrokerUrls {
 /// The sink kinds the bench knows, in report order.
 pub const KINDS: &[&str] = &["nats", "amqp", "kafka"];
 
+/// Each kind's drain target: the share of the database's own claim+mark ceiling its drain must
+/// reach, set by what its broker can take on the reference machine (docs/benchmarks.md,
+/// "Targets"). The report evaluates these in this order.
+pub const DRAIN_TARGETS_PCT: &[(&str, f64)] = &[("nats", 80.0), ("kafka", 70.0), ("amqp", 60.0)];
+
 #[async_trait]
 pub trait Broker: Send + Sync {
     /// The sink kind, as in the relay's config (`nats`, `amqp`, `kafka`).

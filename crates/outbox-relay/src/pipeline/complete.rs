@@ -57,7 +57,11 @@ impl RetryPolicy {
 pub enum Action {
     Delivered,
     Duplicate,
+    /// The sink could not take the row (circuit open, unreachable): left untouched.
     Released,
+    /// Ordered mode: an earlier row of the key failed in this batch, or the batch ran out of
+    /// time before the row's round: left untouched, the sink being up.
+    HeldBack,
     Retry,
     Dead,
 }
@@ -68,6 +72,7 @@ impl Action {
             Action::Delivered => "delivered",
             Action::Duplicate => "duplicate",
             Action::Released => "released",
+            Action::HeldBack => "held_back",
             Action::Retry => "retry",
             Action::Dead => "dead",
         }
@@ -102,6 +107,7 @@ impl Completion {
                     c.delivered.push(row.id);
                     Action::Duplicate
                 }
+                RowOutcome::HeldBack | RowOutcome::OutOfTime => Action::HeldBack,
                 failed => {
                     let failure = failed.failure(row);
                     match failure.kind {
@@ -217,7 +223,7 @@ mod tests {
         use Action::*;
         assert_eq!(
             c.actions,
-            [Delivered, Duplicate, Retry, Dead, Dead, Released, Released]
+            [Delivered, Duplicate, Retry, Dead, Dead, Released, HeldBack]
         );
         assert_eq!(c.delivered, [1, 2]);
         assert_eq!(c.retries.len(), 1);

@@ -86,7 +86,7 @@ impl Tally {
                     latency.entry(sink).or_default().push(secs.max(0.0));
                 }
                 Action::Retry => *retries.entry((topic, sink)).or_default() += 1,
-                Action::Released | Action::Dead => {}
+                Action::Released | Action::HeldBack | Action::Dead => {}
             }
         }
         let m = &self.metrics;

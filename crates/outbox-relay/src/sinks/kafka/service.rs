@@ -212,13 +212,19 @@ impl KafkaService {
         )
         .await;
         let mut any_stored = false;
+        let mut reset: Option<(RDKafkaErrorCode, String)> = None;
         for (i, report) in reports {
             out[i] = Some(match report {
                 Ok(Ok(_)) => {
                     any_stored = true;
                     Delivery::Stored
                 }
-                Ok(Err((e, _))) => Delivery::Failed(classify(&e)),
+                Ok(Err((e, _))) => {
+                    if let Some(code) = e.rdkafka_error_code().filter(|c| needs_new_producer(*c)) {
+                        reset.get_or_insert_with(|| (code, e.to_string()));
+                    }
+                    Delivery::Failed(classify(&e))
+                }
                 Err(_canceled) => Delivery::Failed(SinkError::unavailable(
                     "internal",
                     "the Kafka producer was closed before reporting",
@@ -228,8 +234,10 @@ impl KafkaService {
         if any_stored {
             self.brokers_down.store(false, Ordering::Release);
         }
-        if let Some((code, reason)) = producer.client().fatal_error() {
+        if let Some((code, reason)) = producer.client().fatal_error().or(reset) {
             self.replace_producer(&producer, code, &reason);
+            // This may be the old producer's last handle, and destroying it blocks: not here.
+            tokio::task::spawn_blocking(move || drop(producer));
         }
         out.into_iter()
             .map(|d| {
@@ -280,14 +288,15 @@ impl KafkaService {
     }
 
     /// After a fatal error (e.g. the idempotent producer's sequence state is broken) the
-    /// producer accepts nothing more: replace it. The rows of the failed batch were reported
+    /// producer accepts nothing more, and after errors that say the broker lost or refuses its
+    /// idempotence state ([`needs_new_producer`]) it would fail every record: replace it. The rows of the failed batch were reported
     /// unavailable and will be produced again by the new producer.
     fn replace_producer(&self, failed: &Arc<Client>, code: RDKafkaErrorCode, reason: &str) {
         let mut slot = self.producer.write().unwrap_or_else(|e| e.into_inner());
         if !Arc::ptr_eq(&slot, failed) {
             return; // another batch replaced it already
         }
-        tracing::error!(sink = %self.sink, code = ?code, reason, "fatal Kafka producer error; creating a new producer");
+        tracing::error!(sink = %self.sink, code = ?code, reason, "Kafka producer unusable; creating a new producer");
         match create(&self.sink, &self.config, &self.brokers_down) {
             Ok(p) => {
                 let old = std::mem::replace(&mut *slot, Arc::new(p));
@@ -382,8 +391,25 @@ pub(super) fn classify(error: &KafkaError) -> SinkError {
         | C::UnknownProducerId
         | C::InvalidProducerEpoch
         | C::ProducerFenced => SinkError::unavailable(unavailable_type(code), format!("Kafka unavailable: {error}")),
+        // The broker failed the request for a reason of its own (UNKNOWN_SERVER_ERROR): not
+        // this row's fault. Seen from a broker restarted without its idempotent-producer state,
+        // which then fails every record of the old producer id; the sink replaces its producer.
+        C::Unknown => SinkError::unavailable(
+            "broker_error",
+            format!("the Kafka broker failed the request with an unknown server error ({error}); the producer is replaced"),
+        ),
         _ => SinkError::retriable("kafka", format!("Kafka producer error: {error}")),
     }
+}
+
+/// Delivery errors after which the sink starts a new producer (a new producer id): the broker
+/// lost or refuses this producer's idempotence state.
+fn needs_new_producer(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::Unknown | C::OutOfOrderSequenceNumber | C::UnknownProducerId
+    )
 }
 
 fn unavailable_type(code: RDKafkaErrorCode) -> &'static str {
@@ -422,6 +448,16 @@ mod tests {
     fn kind(code: RDKafkaErrorCode) -> (ErrorKind, &'static str) {
         let e = classify(&KafkaError::MessageProduction(code));
         (e.kind, e.error_type)
+    }
+
+    #[test]
+    fn an_unknown_server_error_is_the_brokers_and_replaces_the_producer() {
+        assert_eq!(
+            kind(RDKafkaErrorCode::Unknown),
+            (ErrorKind::Unavailable, "broker_error")
+        );
+        assert!(needs_new_producer(RDKafkaErrorCode::Unknown));
+        assert!(!needs_new_producer(RDKafkaErrorCode::MessageTimedOut));
     }
 
     #[test]
