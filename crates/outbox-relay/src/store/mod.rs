@@ -86,8 +86,69 @@ pub async fn connect(
         .await
 }
 
+/// Applies the migrations, keeping the relay's migration history in `outbox._sqlx_migrations`.
+///
+/// sqlx records applied migrations in a table named `_sqlx_migrations`, found through the
+/// session's `search_path`: by default `public._sqlx_migrations`, the table every sqlx
+/// application uses for its own history. Sharing it breaks both sides (each finds versions it
+/// does not know), so the relay migrates on a session of its own whose `search_path` starts
+/// with `outbox`. A history that an earlier relay left in `public._sqlx_migrations` is moved over
+/// first: the rows whose version and checksum are the relay's own, nothing else.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    MIGRATOR.run(pool).await
+    // A connection of its own, closed afterwards: its search_path never reaches the pool.
+    let mut conn = pool.acquire().await?.detach();
+    sqlx::query("CREATE SCHEMA IF NOT EXISTS outbox")
+        .execute(&mut conn)
+        .await?;
+    adopt_history(&mut conn).await?;
+    sqlx::query("SET search_path TO outbox, public")
+        .execute(&mut conn)
+        .await?;
+    let result = MIGRATOR.run(&mut conn).await;
+    let _ = conn.close().await;
+    result
+}
+
+/// Moves the relay's rows of `public._sqlx_migrations` to `outbox._sqlx_migrations`, once: only
+/// while the latter does not exist yet.
+async fn adopt_history(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    let (ours_exists, public_exists): (bool, bool) = sqlx::query_as(
+        "SELECT to_regclass('outbox._sqlx_migrations') IS NOT NULL,
+                to_regclass('public._sqlx_migrations') IS NOT NULL",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if ours_exists || !public_exists {
+        return Ok(());
+    }
+    let versions: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
+    let checksums: Vec<Vec<u8>> = MIGRATOR.iter().map(|m| m.checksum.to_vec()).collect();
+    let mut tx = conn.begin().await?;
+    sqlx::query(
+        "CREATE TABLE outbox._sqlx_migrations (LIKE public._sqlx_migrations INCLUDING ALL)",
+    )
+    .execute(&mut *tx)
+    .await?;
+    let moved = sqlx::query(
+        "WITH ours AS (SELECT * FROM unnest($1::bigint[], $2::bytea[]) AS o(version, checksum)),
+              moved AS (DELETE FROM public._sqlx_migrations p USING ours o
+                         WHERE p.version = o.version AND p.checksum = o.checksum
+                        RETURNING p.*)
+         INSERT INTO outbox._sqlx_migrations SELECT * FROM moved",
+    )
+    .bind(&versions)
+    .bind(&checksums)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    if moved > 0 {
+        tracing::info!(
+            migrations = moved,
+            "moved the relay's migration history from public._sqlx_migrations to outbox._sqlx_migrations"
+        );
+    }
+    Ok(())
 }
 
 /// Fails with [`crate::Error::SchemaMissing`] when the outbox schema is missing.
