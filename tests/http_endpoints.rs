@@ -189,15 +189,27 @@ async fn readiness_is_served_while_the_database_is_unreachable_at_start() {
         "{metrics}"
     );
 
-    // The database appears (created and migrated): the relay connects and becomes ready.
+    // The database appears, already migrated (a copy of a migrated template, so the relay
+    // cannot connect between its creation and its migration): the relay becomes ready.
     let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap();
-    sqlx::query(&format!("CREATE DATABASE {name}"))
+    let template = format!("{name}_tpl");
+    sqlx::query(&format!("CREATE DATABASE {template}"))
         .execute(&mut admin)
         .await
         .unwrap();
-    let pool = sqlx::PgPool::connect(db_url.as_str()).await.unwrap();
+    let mut template_url = db_url.clone();
+    template_url.set_path(&format!("/{template}"));
+    let pool = sqlx::PgPool::connect(template_url.as_str()).await.unwrap();
     outbox_relay::store::migrate(&pool).await.unwrap();
     pool.close().await;
+    sqlx::query(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    sqlx::query(&format!("DROP DATABASE {template}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut ready = None;
     while tokio::time::Instant::now() < deadline {
