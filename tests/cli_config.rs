@@ -336,3 +336,30 @@ async fn migrate_is_idempotent_and_the_demo_relays_every_message() {
         .unwrap();
     assert_eq!(users, 7, "one business row per outbox row");
 }
+
+/// A database that does not exist gets advice about the database, not "start it"; a database
+/// without the outbox schema is named in the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_and_schema_errors_name_what_to_fix() {
+    let mut missing = url::Url::parse(&database_url()).unwrap();
+    let name = unique("outbox_absent");
+    missing.set_path(&format!("/{name}"));
+    let out = run_cli(&["status"], &[("OUTBOX_DATABASE__URL", missing.as_str())]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("does not exist"), "{stderr}");
+    assert!(stderr.contains("create that database"), "{stderr}");
+    assert!(!stderr.contains("Start it"), "{stderr}");
+
+    let db = TestDb::empty().await;
+    let out = run_cli(&["status"], &[("OUTBOX_DATABASE__URL", &db.url)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "the outbox schema is missing in database \"{}\"",
+            db.name
+        )),
+        "{stderr}"
+    );
+}

@@ -14,8 +14,11 @@ pub enum Error {
     /// A command was given input it cannot act on (a malformed filter, an unknown id).
     #[error("{0}")]
     Usage(String),
-    /// PostgreSQL could not be reached at start.
-    #[error("cannot connect to PostgreSQL at {url}: {source}; start it, or set database.url (OUTBOX_DATABASE__URL)")]
+    /// PostgreSQL could not be reached or refused the connection.
+    #[error(
+        "cannot connect to PostgreSQL at {url}: {source}; {}",
+        connect_advice(source)
+    )]
     Connect {
         /// The database URL with its password redacted.
         url: String,
@@ -29,8 +32,8 @@ pub enum Error {
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// The database has no outbox schema.
-    #[error("the outbox schema is missing in this database: run `outbox-relay migrate` first")]
-    SchemaMissing,
+    #[error("the outbox schema is missing in database {database:?}: run `outbox-relay migrate` first (or check database.url)")]
+    SchemaMissing { database: String },
     /// The HTTP listener could not be bound.
     #[error(
         "cannot listen on http.listen = {addr}: {source}; pick a free address or set it empty"
@@ -68,7 +71,7 @@ impl Error {
             Error::Connect { .. } => "connect",
             Error::Database(_) => "database",
             Error::Migrate(_) => "migrate",
-            Error::SchemaMissing => "schema_missing",
+            Error::SchemaMissing { .. } => "schema_missing",
             Error::Listen { .. } => "listen",
             Error::Sink { .. } => "sink",
             Error::Metrics(_) => "metrics",
@@ -80,6 +83,22 @@ impl Error {
     /// environment: the CLI exits with 2 for these, 1 otherwise.
     pub fn is_usage(&self) -> bool {
         matches!(self, Error::Config(_) | Error::Usage(_))
+    }
+}
+
+/// What to do about a failed connection, from PostgreSQL's answer (SQLSTATE) where it gave one.
+fn connect_advice(error: &sqlx::Error) -> &'static str {
+    let code = error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.into_owned());
+    match code.as_deref() {
+        // invalid_catalog_name
+        Some("3D000") => "create that database, or point database.url (OUTBOX_DATABASE__URL) at an existing one",
+        // invalid_password, invalid_authorization_specification
+        Some("28P01" | "28000") => "check the user and password in database.url (OUTBOX_DATABASE__URL) and the server's pg_hba.conf",
+        Some(_) => "see PostgreSQL's message above, and database.url (OUTBOX_DATABASE__URL)",
+        None => "is PostgreSQL running and reachable there? Start it, or set database.url (OUTBOX_DATABASE__URL)",
     }
 }
 

@@ -194,11 +194,12 @@ async fn connect_with_timeout(
         statement_timeout,
     )
     .await
-    .map_err(|e| {
-        anyhow::anyhow!(
-            "cannot connect to PostgreSQL at {}: {e}; start it, or set database.url (OUTBOX_DATABASE__URL)",
-            crate::redact::redact_url(&config.database.url)
-        )
+    .map_err(|source| {
+        crate::Error::Connect {
+            url: crate::redact::redact_url(&config.database.url),
+            source,
+        }
+        .into()
     })
 }
 

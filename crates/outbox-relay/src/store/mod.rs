@@ -151,15 +151,18 @@ async fn adopt_history(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error>
     Ok(())
 }
 
-/// Fails with [`crate::Error::SchemaMissing`] when the outbox schema is missing.
+/// Fails with [`crate::Error::SchemaMissing`] (naming the database) when the outbox schema is
+/// missing.
 pub async fn check_schema(pool: &PgPool) -> crate::Result<()> {
-    let present: bool = sqlx::query_scalar("SELECT to_regclass('outbox.messages') IS NOT NULL")
-        .fetch_one(pool)
-        .await?;
+    let (present, database): (bool, String) = sqlx::query_as(
+        "SELECT to_regclass('outbox.messages') IS NOT NULL, current_database()::text",
+    )
+    .fetch_one(pool)
+    .await?;
     if present {
         Ok(())
     } else {
-        Err(crate::Error::SchemaMissing)
+        Err(crate::Error::SchemaMissing { database })
     }
 }
 
