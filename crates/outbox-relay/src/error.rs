@@ -50,16 +50,6 @@ pub enum Error {
         #[source]
         source: SinkError,
     },
-    /// Registering a metric failed (two metrics with one name: a bug).
-    #[error("metrics registry: {0}")]
-    Metrics(#[from] prometheus::Error),
-    /// An operating-system resource could not be had (the async runtime, a signal handler).
-    #[error("{what}: {source}")]
-    Io {
-        what: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 impl Error {
@@ -74,8 +64,6 @@ impl Error {
             Error::SchemaMissing { .. } => "schema_missing",
             Error::Listen { .. } => "listen",
             Error::Sink { .. } => "sink",
-            Error::Metrics(_) => "metrics",
-            Error::Io { .. } => "io",
         }
     }
 
