@@ -59,7 +59,7 @@ async fn claims_with_an_excluded_topic_serve_every_other_topic_oldest_first() {
     let excluded = vec!["down.x".to_string()];
 
     let mut tx = db.pool.begin().await.unwrap();
-    let rows = store::claim(&mut tx, 20, &excluded).await.unwrap();
+    let rows = store::claim(&mut tx, 20, &excluded, 0).await.unwrap();
     assert_claimed(&rows, 20);
     // Each active topic's share is its oldest rows.
     for topic in ["a.x", "b.x"] {
@@ -82,7 +82,7 @@ async fn claims_with_an_excluded_topic_serve_every_other_topic_oldest_first() {
     // Ordered: all slots owned; b.x's keyed rows come as per-key prefixes.
     let slots: Vec<i16> = (0..store::SLOTS as i16).collect();
     let mut tx = db.pool.begin().await.unwrap();
-    let rows = store::claim_ordered(&mut tx, 20, &excluded, &slots)
+    let rows = store::claim_ordered(&mut tx, 20, &excluded, &slots, 0)
         .await
         .unwrap();
     assert_claimed(&rows, 20);
@@ -103,10 +103,12 @@ async fn claims_with_an_excluded_topic_serve_every_other_topic_oldest_first() {
         assert_eq!(got, prefix, "key {key}: a prefix of its rows");
     }
     // The idle poll agrees: something is claimable outside down.x, nothing when all is excluded.
-    assert!(store::any_available(&mut *tx, &excluded).await.unwrap());
+    assert!(store::any_available(&mut *tx, &excluded, 0).await.unwrap());
     let everything = vec!["down.x".into(), "a.x".into(), "b.x".into()];
-    assert!(!store::any_available(&mut *tx, &everything).await.unwrap());
-    assert!(store::claim(&mut tx, 20, &everything)
+    assert!(!store::any_available(&mut *tx, &everything, 0)
+        .await
+        .unwrap());
+    assert!(store::claim(&mut tx, 20, &everything, 0)
         .await
         .unwrap()
         .is_empty());
@@ -178,7 +180,7 @@ async fn ordered_claim_cuts_each_key_at_its_first_unclaimable_row() {
 
     let slots: Vec<i16> = (0..store::SLOTS as i16).collect();
     let mut tx = db.pool.begin().await.unwrap();
-    let rows = store::claim_ordered(&mut tx, 1000, &[], &slots)
+    let rows = store::claim_ordered(&mut tx, 1000, &[], &slots, 0)
         .await
         .unwrap();
     let got = |key: &str| -> Vec<i64> {
@@ -215,7 +217,7 @@ async fn ordered_claim_cuts_each_key_at_its_first_unclaimable_row() {
             .await
             .unwrap();
     let mut tx = db.pool.begin().await.unwrap();
-    let rows = store::claim_ordered(&mut tx, 10, &[], &[slot_of])
+    let rows = store::claim_ordered(&mut tx, 10, &[], &[slot_of], 0)
         .await
         .unwrap();
     assert!(!rows.is_empty() && rows.len() <= 10);

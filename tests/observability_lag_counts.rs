@@ -94,7 +94,7 @@ async fn lag_counts_stay_exact_under_concurrent_enqueue_delete_and_compaction() 
             loop {
                 round += 1;
                 let mut tx = pool.begin().await.unwrap();
-                let rows = store::claim(&mut tx, 40, &[]).await.unwrap();
+                let rows = store::claim(&mut tx, 40, &[], 0).await.unwrap();
                 if rows.is_empty() {
                     tx.commit().await.unwrap();
                     if done.load(Ordering::Acquire) {

@@ -130,7 +130,7 @@ async fn run(url: &str, rows: i64, runs: usize) -> anyhow::Result<()> {
     report(
         "unordered, nothing excluded",
         time_claims(&pool, runs, |c| {
-            Box::pin(async move { Ok(store::claim(c, BATCH, &[]).await?.len()) })
+            Box::pin(async move { Ok(store::claim(c, BATCH, &[], 0).await?.len()) })
         })
         .await?,
     );
@@ -138,7 +138,7 @@ async fn run(url: &str, rows: i64, runs: usize) -> anyhow::Result<()> {
         "ordered (256 slots), nothing excluded",
         time_claims(&pool, runs, |c| {
             let s = all_slots.clone();
-            Box::pin(async move { Ok(store::claim_ordered(c, BATCH, &[], &s).await?.len()) })
+            Box::pin(async move { Ok(store::claim_ordered(c, BATCH, &[], &s, 0).await?.len()) })
         })
         .await?,
     );
@@ -146,7 +146,7 @@ async fn run(url: &str, rows: i64, runs: usize) -> anyhow::Result<()> {
         "ordered (64 slots), nothing excluded",
         time_claims(&pool, runs, |c| {
             let s = quarter.clone();
-            Box::pin(async move { Ok(store::claim_ordered(c, BATCH, &[], &s).await?.len()) })
+            Box::pin(async move { Ok(store::claim_ordered(c, BATCH, &[], &s, 0).await?.len()) })
         })
         .await?,
     );
@@ -154,7 +154,7 @@ async fn run(url: &str, rows: i64, runs: usize) -> anyhow::Result<()> {
         "unordered, down.t excluded (per-topic form)",
         time_claims(&pool, runs, |c| {
             let d = down.clone();
-            Box::pin(async move { Ok(store::claim(c, BATCH, &d).await?.len()) })
+            Box::pin(async move { Ok(store::claim(c, BATCH, &d, 0).await?.len()) })
         })
         .await?,
     );
@@ -162,7 +162,7 @@ async fn run(url: &str, rows: i64, runs: usize) -> anyhow::Result<()> {
         "ordered (256 slots), down.t excluded (per-topic)",
         time_claims(&pool, runs, |c| {
             let (d, s) = (down.clone(), all_slots.clone());
-            Box::pin(async move { Ok(store::claim_ordered(c, BATCH, &d, &s).await?.len()) })
+            Box::pin(async move { Ok(store::claim_ordered(c, BATCH, &d, &s, 0).await?.len()) })
         })
         .await?,
     );
@@ -170,7 +170,7 @@ async fn run(url: &str, rows: i64, runs: usize) -> anyhow::Result<()> {
         "idle poll, down.t excluded (per-topic form)",
         time_claims(&pool, runs, |c| {
             let d = down.clone();
-            Box::pin(async move { Ok(store::any_available(c, &d).await? as usize) })
+            Box::pin(async move { Ok(store::any_available(c, &d, 0).await? as usize) })
         })
         .await?,
     );

@@ -126,6 +126,9 @@ pub struct RelayConfig {
     pub cleanup_chunk: u32,
     pub maintenance_interval_secs: u64,
     pub lag_interval_secs: u64,
+    /// Vacuum the outbox's tables from the relay when autovacuum does not (off for the server
+    /// or the table), so they do not grow without bound.
+    pub vacuum_when_autovacuum_off: bool,
     pub max_attempts: u32,
     pub retry_initial_ms: u64,
     pub retry_max_secs: u64,
@@ -156,6 +159,7 @@ impl Default for RelayConfig {
             cleanup_chunk: CLEANUP_CHUNK,
             maintenance_interval_secs: MAINTENANCE_INTERVAL_SECS,
             lag_interval_secs: LAG_INTERVAL_SECS,
+            vacuum_when_autovacuum_off: true,
             max_attempts: MAX_ATTEMPTS,
             retry_initial_ms: RETRY_INITIAL_MS,
             retry_max_secs: RETRY_MAX_SECS,

@@ -1,11 +1,12 @@
 //! Maintenance tasks, each on its own interval, all stopped by the one shutdown token:
-//! lag sampling (gauges), count compaction, retention cleanup of sent rows, and removal of
-//! sleeper registrations left by dead relays. (The heartbeat is [`crate::cluster`]'s.)
+//! lag sampling (gauges), count compaction, retention cleanup of sent rows, removal of
+//! sleeper registrations left by dead relays, the claim floor's advance, and VACUUM where
+//! autovacuum is off. (The heartbeat is [`crate::cluster`]'s.)
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sqlx::PgPool;
+use sqlx::{Connection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RelayConfig;
@@ -91,14 +92,159 @@ fn exported_topics(gauge: &prometheus::IntGaugeVec) -> Vec<String> {
         .collect()
 }
 
+/// How often the claim floor advances a step (two steps raise it).
+pub const FLOOR_STEP: Duration = Duration::from_millis(250);
+
+/// After how long a transaction that keeps the floor down is worth a warning, and how often.
+const FLOOR_STALL_WARNING: Duration = Duration::from_secs(60);
+
+/// Keeps the claim floor ([`store::floor`]) rising, on a connection of its own (its queries read
+/// `pg_locks`, and the relay's pool sessions must not wait for it). `shared` is what the
+/// workers and the idle poll read.
+pub async fn run_floor(
+    pool: PgPool,
+    shared: Arc<store::floor::Shared>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(FLOOR_STEP);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pending: Option<store::floor::Horizon> = None;
+    let mut conn: Option<sqlx::PgConnection> = None;
+    let mut warned_at: Option<Instant> = None;
+    let mut unsafe_logged = false;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.cancelled() => break,
+        }
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => match pool.acquire().await {
+                Ok(c) => conn.insert(c.detach()),
+                Err(e) => {
+                    tracing::debug!(error = %e, "claim floor: no connection; retrying");
+                    continue;
+                }
+            },
+        };
+        let step = match store::floor::advance(c, pending.as_ref()).await {
+            Ok(step) => step,
+            Err(e) => {
+                tracing::warn!(error = %e, "claim floor: advance failed; retrying");
+                conn = None;
+                pending = None;
+                continue;
+            }
+        };
+        match step {
+            store::floor::Step::Noted(h) => pending = Some(h),
+            store::floor::Step::Raised { floor, horizon } => {
+                metrics
+                    .storage
+                    .claim_floor_gap_ids
+                    .set((horizon.last_id + 1 - floor).max(0));
+                pending = Some(horizon);
+                metrics.storage.claim_floor_stalled_seconds.set(0.0);
+                warned_at = None;
+                unsafe_logged = false;
+            }
+            store::floor::Step::Waiting { oldest_writer_secs } => {
+                metrics
+                    .storage
+                    .claim_floor_stalled_seconds
+                    .set(oldest_writer_secs);
+                let due = warned_at.is_none_or(|t| t.elapsed() >= FLOOR_STALL_WARNING);
+                if oldest_writer_secs >= FLOOR_STALL_WARNING.as_secs_f64() && due {
+                    warned_at = Some(Instant::now());
+                    tracing::warn!(
+                        open_secs = oldest_writer_secs.round(),
+                        "a transaction that wrote to outbox.messages has been open for a long time: \
+                         the claim floor cannot rise past the ids handed out before it began, so \
+                         claims walk the rows deleted since (see pg_stat_activity for sessions \
+                         'idle in transaction')"
+                    );
+                }
+            }
+            store::floor::Step::Unsafe { reason } => {
+                pending = None;
+                if !unsafe_logged {
+                    unsafe_logged = true;
+                    tracing::warn!(%reason, "claim floor disabled: claims scan from the first row");
+                }
+            }
+        }
+        match store::floor::read(&mut *c).await {
+            Ok(floor) => {
+                shared.set(floor);
+                metrics.storage.claim_floor.set(floor);
+            }
+            Err(e) => tracing::debug!(error = %e, "claim floor: read failed"),
+        }
+    }
+    if let Some(c) = conn {
+        let _ = c.close().await;
+    }
+}
+
+/// VACUUM of the outbox's tables where autovacuum is off, once they hold `DEAD_ROWS_TO_VACUUM`
+/// dead rows. Each run on a connection of its own, closed afterwards.
+async fn vacuum_if_needed(pool: &PgPool, metrics: &Metrics) -> Result<(), sqlx::Error> {
+    const DEAD_ROWS_TO_VACUUM: i64 = 10_000;
+    let mut conn = pool.acquire().await?.detach();
+    let result = async {
+        if !store::vacuum::autovacuum_off(&mut conn).await?
+            || store::vacuum::dead_rows(&mut conn).await? < DEAD_ROWS_TO_VACUUM
+        {
+            return Ok(None);
+        }
+        store::vacuum::vacuum(&mut conn).await.map(Some)
+    }
+    .await;
+    let _ = conn.close().await;
+    let label = match &result {
+        Ok(None) => return Ok(()),
+        Ok(Some(store::vacuum::Vacuumed::Done)) => "done",
+        Ok(Some(store::vacuum::Vacuumed::SkippedLocked)) => "skipped_locked",
+        Err(_) => "failed",
+    };
+    metrics
+        .storage
+        .vacuums_total
+        .with_label_values(&[label])
+        .inc();
+    if label == "skipped_locked" {
+        tracing::info!("VACUUM of the outbox tables skipped: another session holds a conflicting lock; trying again next interval");
+    }
+    result.map(|_| ())
+}
+
 /// Starts every maintenance task; each stops when `shutdown` fires.
 pub fn spawn_all(
     pool: &PgPool,
     metrics: &Arc<Metrics>,
     cfg: &RelayConfig,
+    floor: &Arc<store::floor::Shared>,
     shutdown: &CancellationToken,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut tasks = Vec::new();
+    let mut tasks = vec![tokio::spawn(run_floor(
+        pool.clone(),
+        Arc::clone(floor),
+        Arc::clone(metrics),
+        shutdown.clone(),
+    ))];
+    if cfg.vacuum_when_autovacuum_off {
+        let (vacuum_pool, vacuum_metrics) = (pool.clone(), Arc::clone(metrics));
+        tasks.push(tokio::spawn(every(
+            "vacuum",
+            Duration::from_secs(cfg.maintenance_interval_secs),
+            shutdown.clone(),
+            move || {
+                let (pool, metrics) = (vacuum_pool.clone(), Arc::clone(&vacuum_metrics));
+                async move { vacuum_if_needed(&pool, &metrics).await }
+            },
+        )));
+    }
     let (lag_pool, metrics) = (pool.clone(), Arc::clone(metrics));
     tasks.push(tokio::spawn(every(
         "lag",

@@ -26,8 +26,12 @@ pub struct Metrics {
     pub unmarked_published_total: IntCounter,
     pub lag_query_duration_seconds: Gauge,
     pub relay_instances: IntGauge,
+    /// Always 1, labelled with the relay's version: `count by (version) (outbox_build_info)`.
+    pub build_info: IntGaugeVec,
     /// The ordering gauges, registered into the same registry.
     pub ordering: OrderingMetrics,
+    /// The storage upkeep's metrics (claim floor, vacuum), registered into the same registry.
+    pub storage: StorageMetrics,
     /// Every registered metric name, for the catalogue check (docs/metrics.md).
     pub names: Vec<String>,
 }
@@ -140,7 +144,13 @@ impl Metrics {
                 "Relays whose heartbeat in outbox.relays is fresher than cluster.relay_expiry_secs, this one included.",
             ))
             .unwrap(),
+            build_info: IntGaugeVec::new(
+                opts("outbox_build_info", "Always 1; the labels say which relay build runs."),
+                &["version"],
+            )
+            .unwrap(),
             ordering: OrderingMetrics::new(&registry).expect("ordering metric names are unique"),
+            storage: StorageMetrics::new(&registry).expect("storage metric names are unique"),
             names: Vec::new(),
             registry,
         };
@@ -216,6 +226,45 @@ impl OrderingMetrics {
         registry.register(Box::new(m.held_back_keys.clone()))?;
         registry.register(Box::new(m.parked_keys.clone()))?;
         registry.register(Box::new(m.rounds.clone()))?;
+        Ok(m)
+    }
+}
+
+/// The storage upkeep (docs/architecture.md, "Storage under a held xmin horizon").
+pub struct StorageMetrics {
+    pub claim_floor: IntGauge,
+    pub claim_floor_gap_ids: IntGauge,
+    pub claim_floor_stalled_seconds: Gauge,
+    pub vacuums_total: IntCounterVec,
+}
+
+impl StorageMetrics {
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let m = Self {
+            claim_floor: IntGauge::with_opts(Opts::new(
+                "outbox_claim_floor",
+                "The claim floor: the id from which claims scan for fresh rows.",
+            ))?,
+            claim_floor_gap_ids: IntGauge::with_opts(Opts::new(
+                "outbox_claim_floor_gap_ids",
+                "Ids handed out at or above the claim floor: the most rows (live or deleted) a claim may walk.",
+            ))?,
+            claim_floor_stalled_seconds: Gauge::with_opts(Opts::new(
+                "outbox_claim_floor_stalled_seconds",
+                "How long the oldest transaction that keeps the claim floor from rising (one that inserted into outbox.messages) has been open; 0 while the floor rises.",
+            ))?,
+            vacuums_total: IntCounterVec::new(
+                Opts::new(
+                    "outbox_vacuums_total",
+                    "VACUUMs of the outbox tables the relay ran itself because autovacuum is off, by result (done, skipped_locked, failed).",
+                ),
+                &["result"],
+            )?,
+        };
+        registry.register(Box::new(m.claim_floor.clone()))?;
+        registry.register(Box::new(m.claim_floor_gap_ids.clone()))?;
+        registry.register(Box::new(m.claim_floor_stalled_seconds.clone()))?;
+        registry.register(Box::new(m.vacuums_total.clone()))?;
         Ok(m)
     }
 }

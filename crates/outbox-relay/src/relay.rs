@@ -112,6 +112,7 @@ pub struct Relay {
     dispatcher: Arc<Dispatcher>,
     pipeline: Arc<Pipeline>,
     member: Arc<Member>,
+    floor: Arc<store::floor::Shared>,
     shutdown: CancellationToken,
 }
 
@@ -133,11 +134,14 @@ impl Relay {
         )
         .await?;
         let member = Arc::new(Member::new(config.cluster.clone(), config.ordering.enabled));
+        let floor = Arc::new(store::floor::Shared::default());
+        floor.set(store::floor::read(&pool).await?);
         let pipeline = Arc::new(Pipeline::new(
             config,
             pool.clone(),
             Arc::clone(&dispatcher),
             member.slots.clone(),
+            Arc::clone(&floor),
             Arc::clone(&metrics),
             Arc::clone(&wakeup),
         ));
@@ -150,6 +154,7 @@ impl Relay {
             dispatcher,
             pipeline,
             member,
+            floor,
             shutdown,
         })
     }
@@ -175,14 +180,19 @@ impl Relay {
             let dispatcher = Arc::clone(&self.dispatcher);
             Arc::new(move || dispatcher.excluded_topics())
         };
+        let scope = wakeup::PollScope {
+            excluded,
+            floor: Arc::clone(&self.floor),
+        };
         let listener = tokio::spawn(Arc::clone(&self.wakeup).run(
             self.pool.clone(),
             cfg.clone(),
             workers,
-            excluded,
+            scope,
             shutdown.clone(),
         ));
-        let maintenance = maintenance::spawn_all(&self.pool, &self.metrics, cfg, &shutdown);
+        let maintenance =
+            maintenance::spawn_all(&self.pool, &self.metrics, cfg, &self.floor, &shutdown);
         let handles: Vec<_> = (0..workers)
             .map(|w| tokio::spawn(worker::run(Arc::clone(&self.pipeline), w, shutdown.clone())))
             .collect();

@@ -32,6 +32,20 @@ pub const CHANNEL: &str = "outbox_wakeup";
 /// The topics the workers skip right now (see [`crate::relay::Relay`]'s circuit breakers).
 pub type Excluded = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
 
+/// What the idle poll asks about: the claimable rows of the topics not excluded, from the claim
+/// floor on (as the workers' claims).
+#[derive(Clone)]
+pub struct PollScope {
+    pub excluded: Excluded,
+    pub floor: Arc<store::floor::Shared>,
+}
+
+impl PollScope {
+    async fn any_available(&self, listener: &mut PgListener) -> Result<bool, sqlx::Error> {
+        store::any_available(&mut *listener, &(self.excluded)(), self.floor.get()).await
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Timing {
     idle_poll: Duration,
@@ -105,13 +119,14 @@ impl Wakeup {
     }
 
     /// The listener task. Runs until `shutdown`.
-    /// `excluded` returns the topics the workers currently skip (sinks with an open circuit).
+    /// `scope.excluded` returns the topics the workers currently skip (sinks with an open
+    /// circuit).
     pub async fn run(
         self: Arc<Self>,
         pool: PgPool,
         config: RelayConfig,
         workers: usize,
-        excluded: Excluded,
+        scope: PollScope,
         shutdown: CancellationToken,
     ) {
         let idle_poll = Duration::from_millis(config.idle_poll_ms);
@@ -146,7 +161,7 @@ impl Wakeup {
                 workers,
             };
             if let Err(e) = self
-                .listen_loop(&mut listener, &timing, &excluded, &shutdown)
+                .listen_loop(&mut listener, &timing, &scope, &shutdown)
                 .await
             {
                 tracing::warn!(error = %e, "wake-up listener lost its connection; reconnecting");
@@ -168,7 +183,7 @@ impl Wakeup {
         &self,
         listener: &mut PgListener,
         timing: &Timing,
-        excluded: &Excluded,
+        scope: &PollScope,
         shutdown: &CancellationToken,
     ) -> Result<(), sqlx::Error> {
         let Timing {
@@ -201,7 +216,7 @@ impl Wakeup {
                     _ = shutdown.cancelled() => return Ok(()),
                 }
                 if self.idle_workers.load(Ordering::SeqCst) >= workers
-                    && store::any_available(&mut *listener, &excluded()).await?
+                    && scope.any_available(listener).await?
                     && !self.workers_found_rows(workers, shutdown).await
                 {
                     stale_at = Some(self.activity_stamp());
@@ -226,7 +241,7 @@ impl Wakeup {
             let look = if stale {
                 true
             } else {
-                store::any_available(&mut *listener, &excluded()).await?
+                scope.any_available(listener).await?
             };
             if look {
                 if self.workers_found_rows(workers, shutdown).await {

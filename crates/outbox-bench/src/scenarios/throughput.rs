@@ -58,9 +58,9 @@ pub async fn ceiling(o: &Opts) -> anyhow::Result<CeilingResult> {
                 loop {
                     let mut tx = pool.begin().await?;
                     let claimed = if ordered {
-                        outbox_relay::store::claim_ordered(&mut tx, batch, &[], &slots).await?
+                        outbox_relay::store::claim_ordered(&mut tx, batch, &[], &slots, 0).await?
                     } else {
-                        outbox_relay::store::claim(&mut tx, batch, &[]).await?
+                        outbox_relay::store::claim(&mut tx, batch, &[], 0).await?
                     };
                     if claimed.is_empty() {
                         tx.commit().await?;

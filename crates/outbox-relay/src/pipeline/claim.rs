@@ -57,22 +57,40 @@ impl Slots {
     }
 }
 
-/// How a worker claims.
-pub enum Claimer {
-    Unordered {
-        batch_size: u32,
-    },
-    /// Keyed rows in key order, from the owned slots with `slot % workers == worker`.
-    Ordered {
-        batch_size: u32,
-        workers: usize,
-        slots: Arc<Slots>,
-    },
+/// How a worker claims: unordered, or keyed rows in key order from the owned slots with
+/// `slot % workers == worker`; both from the claim floor on (see [`store::floor`]).
+pub struct Claimer {
+    batch_size: u32,
+    order: Order,
+    floor: Arc<store::floor::Shared>,
+}
+
+enum Order {
+    Unordered,
+    Ordered { workers: usize, slots: Arc<Slots> },
 }
 
 impl Claimer {
+    /// `slots` is `Some` in ordered mode.
+    pub fn new(
+        batch_size: u32,
+        workers: usize,
+        slots: Option<Arc<Slots>>,
+        floor: Arc<store::floor::Shared>,
+    ) -> Self {
+        let order = match slots {
+            Some(slots) => Order::Ordered { workers, slots },
+            None => Order::Unordered,
+        };
+        Self {
+            batch_size,
+            order,
+            floor,
+        }
+    }
+
     pub fn is_ordered(&self) -> bool {
-        matches!(self, Claimer::Ordered { .. })
+        matches!(self.order, Order::Ordered { .. })
     }
 
     /// One claim in the caller's transaction; returns the rows and how long the statement took.
@@ -92,15 +110,10 @@ impl Claimer {
         excluded: &[String],
     ) -> Result<(Vec<OutboxRow>, Duration), sqlx::Error> {
         let started = Instant::now();
-        let rows = match self {
-            Claimer::Unordered { batch_size } => {
-                store::claim(conn, i64::from(*batch_size), excluded).await?
-            }
-            Claimer::Ordered {
-                batch_size,
-                workers,
-                slots,
-            } => {
+        let (limit, floor) = (i64::from(self.batch_size), self.floor.get());
+        let rows = match &self.order {
+            Order::Unordered => store::claim(conn, limit, excluded, floor).await?,
+            Order::Ordered { workers, slots } => {
                 let workers = (*workers).max(1);
                 let mine: Vec<i16> = slots
                     .owned()
@@ -108,7 +121,7 @@ impl Claimer {
                     .copied()
                     .filter(|s| *s as usize % workers == worker % workers)
                     .collect();
-                store::claim_ordered(conn, i64::from(*batch_size), excluded, &mine).await?
+                store::claim_ordered(conn, limit, excluded, &mine, floor).await?
             }
         };
         Ok((rows, started.elapsed()))

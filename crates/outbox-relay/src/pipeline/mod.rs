@@ -22,6 +22,7 @@ use sqlx::PgPool;
 use crate::config::{Config, OnDead};
 use crate::message::OutboxRow;
 use crate::metrics::Metrics;
+use crate::store;
 use crate::wakeup::Wakeup;
 
 pub mod claim;
@@ -62,26 +63,19 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// `slots` is `Some` in ordered mode: the slots the cluster heartbeat keeps.
+    /// `slots` is `Some` in ordered mode: the slots the cluster heartbeat keeps; `floor` is the
+    /// claim floor the maintenance task keeps.
     pub fn new(
         config: &Config,
         pool: PgPool,
         dispatcher: Arc<Dispatcher>,
         slots: Option<Arc<Slots>>,
+        floor: Arc<store::floor::Shared>,
         metrics: Arc<Metrics>,
         wakeup: Arc<Wakeup>,
     ) -> Self {
         let r = &config.relay;
-        let claimer = match slots {
-            Some(slots) => Claimer::Ordered {
-                batch_size: r.batch_size,
-                workers: r.workers as usize,
-                slots,
-            },
-            None => Claimer::Unordered {
-                batch_size: r.batch_size,
-            },
-        };
+        let claimer = Claimer::new(r.batch_size, r.workers as usize, slots, floor);
         Self {
             pool,
             claimer,

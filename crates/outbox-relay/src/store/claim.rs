@@ -6,6 +6,13 @@
 //! commit. If the relay dies, PostgreSQL aborts the transaction and the rows are claimable again
 //! at once; if the relay hangs, `idle_in_transaction_session_timeout` (relay.claim_timeout_secs)
 //! aborts it. See docs/architecture.md for why this beats a lease column.
+//!
+//! Every claim reads two sources (docs/architecture.md, "Storage under a held xmin horizon"):
+//! the *fresh* rows from the claim floor on (`id >= floor`, [`super::floor`]), so the rows
+//! deleted below the floor are never walked, whether or not vacuum could remove them; and the
+//! *set-aside* rows (delayed or retried: `available_at > created_at`) that are due, from their
+//! partial index by due time, whatever their id. Every live row below the floor is set aside, so
+//! the two together are every claimable row.
 
 use std::collections::BTreeMap;
 
@@ -17,16 +24,70 @@ use crate::message::OutboxRow;
 /// stored `slot` column of `outbox.messages`).
 pub const SLOTS: usize = 256;
 
+/// The columns every claim returns (of table `m`).
+macro_rules! claim_columns {
+    () => {
+        "m.id, m.message_id, m.topic, m.key, m.payload, m.headers, m.created_at, m.attempts"
+    };
+}
+
+/// The due set-aside rows below the floor `$3` (rows at or above it are the fresh scan's),
+/// oldest due first, from `messages_set_aside_due_idx`. `$cond` narrows them further.
+macro_rules! due_set_aside {
+    ($cond:expr) => {
+        concat!(
+            "SELECT ",
+            claim_columns!(),
+            " FROM outbox.messages m
+   WHERE m.available_at > m.created_at AND m.available_at <= now() AND m.id < $3
+     AND m.topic <> ALL($2::text[])
+     AND ",
+            $cond,
+            "
+   ORDER BY m.available_at, m.id
+   LIMIT $1
+     FOR UPDATE OF m SKIP LOCKED"
+        )
+    };
+}
+
+/// The fresh rows from the floor `$3` on, in id order, as many as the batch has room for after
+/// `due`.
+macro_rules! fresh_rows {
+    ($cond:expr) => {
+        concat!(
+            "SELECT ",
+            claim_columns!(),
+            " FROM outbox.messages m
+   WHERE m.id >= $3 AND m.available_at <= now()
+     AND m.topic <> ALL($2::text[])
+     AND ",
+            $cond,
+            "
+   ORDER BY m.id
+   LIMIT (SELECT $1 - count(*) FROM due)
+     FOR UPDATE OF m SKIP LOCKED"
+        )
+    };
+}
+
 /// One statement, one round trip: the oldest available rows that no other relay holds, locked
-/// until this transaction ends. `excluded` holds topics whose sink is down (circuit open).
-const CLAIM_SQL: &str = "
-SELECT id, message_id, topic, key, payload, headers, created_at, attempts
-  FROM outbox.messages
- WHERE available_at <= now()
-   AND topic <> ALL($2::text[])
- ORDER BY id
- LIMIT $1
-   FOR UPDATE SKIP LOCKED";
+/// until this transaction ends. `$2` holds topics whose sink is down (circuit open), `$3` is
+/// the claim floor.
+const CLAIM_SQL: &str = concat!(
+    "
+WITH due AS MATERIALIZED (
+  ",
+    due_set_aside!("true"),
+    "
+), fresh AS MATERIALIZED (
+  ",
+    fresh_rows!("true"),
+    "
+)
+SELECT * FROM due UNION ALL SELECT * FROM fresh
+ ORDER BY id"
+);
 
 /// The topics that have waiting rows and are not `$2` (excluded), from the count deltas (a few
 /// rows per topic), each with its share of the batch. The claim while a circuit is open walks
@@ -44,20 +105,42 @@ share AS MATERIALIZED (
   SELECT greatest(1, $1 / greatest(1, count(*)))::bigint AS n FROM active
 )";
 
-/// [`CLAIM_SQL`] while some topics are excluded: per active topic, its oldest available rows.
+/// The fresh rows of each active topic (`t`, see [`ACTIVE_TOPICS_SQL`]) from the floor `$3` on:
+/// the row comparison starts the scan of `messages_topic_id_idx` at `(topic, floor)`.
+macro_rules! fresh_rows_per_topic {
+    ($cond:expr) => {
+        concat!(
+            "SELECT c.* FROM active t CROSS JOIN LATERAL (
+    SELECT ",
+            claim_columns!(),
+            " FROM outbox.messages m
+     WHERE (m.topic, m.id) >= (t.topic, $3) AND m.topic <= t.topic
+       AND m.available_at <= now()
+       AND ",
+            $cond,
+            "
+     ORDER BY m.topic, m.id
+     LIMIT (SELECT n FROM share)
+       FOR UPDATE OF m SKIP LOCKED
+  ) c"
+        )
+    };
+}
+
+/// [`CLAIM_SQL`] while some topics are excluded: the due set-aside rows, and per active topic its
+/// oldest fresh rows.
 static CLAIM_EXCLUDING_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "WITH {ACTIVE_TOPICS_SQL}
-SELECT c.* FROM active t CROSS JOIN LATERAL (
-  SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.headers, m.created_at, m.attempts
-    FROM outbox.messages m
-   WHERE m.topic >= t.topic AND m.topic <= t.topic
-     AND m.available_at <= now()
-   ORDER BY m.topic, m.id
-   LIMIT (SELECT n FROM share)
-     FOR UPDATE SKIP LOCKED
-) c
-ORDER BY c.id"
+        "WITH {ACTIVE_TOPICS_SQL},
+due AS MATERIALIZED (
+  {due}
+), fresh AS MATERIALIZED (
+  {fresh}
+)
+SELECT * FROM due UNION ALL SELECT * FROM fresh
+ ORDER BY id",
+        due = due_set_aside!("true"),
+        fresh = fresh_rows_per_topic!("true"),
     )
 });
 
@@ -68,15 +151,19 @@ static ANY_AVAILABLE_EXCLUDING_SQL: std::sync::LazyLock<String> = std::sync::Laz
 SELECT EXISTS (
   SELECT 1 FROM active t
    WHERE EXISTS (SELECT 1 FROM outbox.messages m
-                  WHERE m.topic >= t.topic AND m.topic <= t.topic
-                    AND m.available_at <= now()))"
+                  WHERE (m.topic, m.id) >= (t.topic, $3) AND m.topic <= t.topic
+                    AND m.available_at <= now()))
+    OR {DUE_EXISTS}"
     )
 });
 
+/// Claims an unordered batch of at most `limit` rows, none of the topics `excluded`; `floor` is
+/// the claim floor ([`super::floor`]; 0 scans from the start).
 pub async fn claim(
     conn: &mut PgConnection,
     limit: i64,
     excluded: &[String],
+    floor: i64,
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
     let sql = if excluded.is_empty() {
         CLAIM_SQL
@@ -86,6 +173,7 @@ pub async fn claim(
     let rows = sqlx::query(sql)
         .bind(limit)
         .bind(excluded)
+        .bind(floor)
         .fetch_all(&mut *conn)
         .await?;
     rows.iter().map(outbox_row).collect()
@@ -106,55 +194,114 @@ fn outbox_row(r: &sqlx::postgres::PgRow) -> Result<OutboxRow, sqlx::Error> {
     })
 }
 
-/// Whether anything is claimable, without taking locks (the idle poll). `excluded` as in
-/// [`claim`], so that rows of a sink whose circuit is open do not wake the workers.
+/// Whether a due set-aside row below the floor `$3` exists (not of the topics `$2`).
+const DUE_EXISTS: &str = "EXISTS (
+  SELECT 1 FROM outbox.messages d
+   WHERE d.available_at > d.created_at AND d.available_at <= now() AND d.id < $3
+     AND d.topic <> ALL($2::text[]))";
+
+/// [`any_available`] with nothing excluded: the fresh scan from the floor (in id order, so that
+/// the planner walks the primary key from `$3` rather than the table from its start), or a due
+/// set-aside row.
+static ANY_AVAILABLE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT EXISTS (SELECT 1 FROM outbox.messages m
+                 WHERE m.id >= $3 AND m.available_at <= now() AND m.topic <> ALL($2::text[])
+                 ORDER BY m.id LIMIT 1)
+            OR {DUE_EXISTS}"
+    )
+});
+
+/// Whether anything is claimable, without taking locks (the idle poll). `excluded` and `floor`
+/// as in [`claim`], so that rows of a sink whose circuit is open do not wake the workers.
 pub async fn any_available<'c, E: sqlx::PgExecutor<'c>>(
     conn: E,
     excluded: &[String],
+    floor: i64,
 ) -> Result<bool, sqlx::Error> {
     // With topics excluded, per active topic (ACTIVE_TOPICS_SQL, $1 being the unused batch
     // size): the idle poll must not walk a down sink's backlog either.
     let sql = if excluded.is_empty() {
-        "SELECT EXISTS (SELECT 1 FROM outbox.messages WHERE available_at <= now() AND topic <> ALL($2::text[]))"
+        ANY_AVAILABLE_SQL.as_str()
     } else {
         ANY_AVAILABLE_EXCLUDING_SQL.as_str()
     };
     sqlx::query_scalar(sql)
         .bind(1i64)
         .bind(excluded)
+        .bind(floor)
         .fetch_one(conn)
         .await
 }
 
 /// The keys with a row waiting for a retry (attempts > 0, not due yet), read once per claim
-/// from the partial index `messages_key_retry_idx` (empty unless messages are failing), so the
-/// candidates' check is one hash probe each instead of an index probe of the key's head.
+/// from the set-aside rows that are not due yet (`messages_set_aside_due_idx` from `now()` on:
+/// empty unless messages are failing or scheduled), so the candidates' check is one hash probe
+/// each instead of an index probe of the key's head.
 macro_rules! blocked_keys {
     () => {
         "blocked AS MATERIALIZED (
   SELECT DISTINCT b.key FROM outbox.messages b
-   WHERE b.key IS NOT NULL AND b.attempts > 0 AND b.available_at > now()
+   WHERE b.available_at > now() AND b.available_at > b.created_at
+     AND b.key IS NOT NULL AND b.attempts > 0
 )"
     };
 }
 
-/// The keyed-row condition of `cand` (rows of table `m`): unkeyed, or in an owned slot with a
-/// key that is not parked and has no row waiting for a retry.
+/// The keyed-row condition of `cand` (rows of table `m`): unkeyed, or in an owned slot (`$4`)
+/// with a key that is not parked and has no row waiting for a retry.
 macro_rules! cand_condition {
     () => {
         "(m.key IS NULL OR (
-           m.slot = ANY($3::smallint[])
+           m.slot = ANY($4::smallint[])
        AND NOT EXISTS (SELECT 1 FROM outbox.parked_keys p WHERE p.key = m.key)
        AND NOT EXISTS (SELECT 1 FROM blocked bk WHERE bk.key = m.key)))"
     };
 }
 
-/// Steps 2 and 3, the same whichever way `cand` was found. `first_outside` is the oldest row of
-/// the key that is not in `cand`, or NULL when nothing before the key's last candidate is
-/// missing, found with as little index reading as possible: one probe for a row older than the
-/// key's first candidate (then every candidate of the key goes), which settles a key with a
-/// single candidate (most keys of a batch); only a key with several candidates reads on from
-/// its first one to the first row that is not a candidate.
+/// Per key of `cand`, its oldest set-aside row below the floor that is not a candidate (from
+/// `messages_set_aside_key_idx`: one probe of a mostly empty index per key). Below the floor
+/// every live row is set aside, so with this, step 2 needs to read nothing under the floor.
+macro_rules! set_aside_gaps {
+    () => {
+        "SELECT k.key, a.id FROM (SELECT DISTINCT c.key FROM cand c WHERE c.key IS NOT NULL) k
+      CROSS JOIN LATERAL (
+        SELECT e.id FROM outbox.messages e
+         WHERE e.key = k.key AND e.available_at > e.created_at AND e.id < $3
+           AND e.id NOT IN (SELECT c.id FROM cand c)
+         ORDER BY e.id LIMIT 1) a"
+    };
+}
+
+/// Step 1, the candidates: the due set-aside rows below the floor, then the fresh rows from it
+/// on, that are unkeyed or in an owned slot, whose key is not parked and has no row waiting for
+/// a retry (`blocked`), locked with `FOR UPDATE SKIP LOCKED`. `$fresh` is [`fresh_rows`] or
+/// [`fresh_rows_per_topic`].
+macro_rules! ordered_cand {
+    ($fresh:expr) => {
+        concat!(
+            "due AS MATERIALIZED (
+  ",
+            due_set_aside!(cand_condition!()),
+            "
+), fresh AS MATERIALIZED (
+  ",
+            $fresh,
+            "
+), cand AS MATERIALIZED (
+  SELECT * FROM due UNION ALL SELECT * FROM fresh
+)"
+        )
+    };
+}
+
+/// Steps 2 and 3 with index probes per key, for [`ORDERED_CLAIM_EXCLUDING_SQL`]. `first_outside`
+/// is the oldest row of the key that is not in `cand`, or NULL when nothing before the key's last
+/// candidate is missing, found with as little index reading as possible: one probe for a row
+/// older than the key's first candidate from the floor on, and one for a set-aside row below
+/// it (then every candidate of the key goes), which settles a key with a single candidate (most
+/// keys of a batch); only a key with several candidates reads on from its first one to the first
+/// row that is not a candidate.
 macro_rules! ordered_tail {
     () => {
         "keys AS (
@@ -164,7 +311,10 @@ macro_rules! ordered_tail {
 cut AS (
   SELECT k.key,
          CASE WHEN EXISTS (SELECT 1 FROM outbox.messages e
-                            WHERE e.key = k.key AND e.id < k.first_id)
+                            WHERE e.key = k.key AND e.id >= $3 AND e.id < k.first_id)
+                OR EXISTS (SELECT 1 FROM outbox.messages e
+                            WHERE e.key = k.key AND e.available_at > e.created_at
+                              AND e.id < least(k.first_id, $3))
               THEN k.first_id
               WHEN k.n = 1 THEN NULL
               ELSE (SELECT e.id FROM outbox.messages e
@@ -181,40 +331,45 @@ SELECT c.* FROM cand c
     };
 }
 
-/// Steps 2 and 3 of the plain form, where `cand` is the oldest rows of the whole table in `id`
-/// order: every row up to the last candidate was visited by `cand`'s scan, so the rows of the
-/// owned slots up to that id that are not candidates (locked by another relay or worker, delayed,
-/// waiting for a retry, of an excluded topic, of a parked or blocked key) are found by one
-/// second pass over the same `id` range, not by index probes per key. `gaps` holds, per key
-/// with such a row, the oldest one; every candidate of the key from it on is dropped. A key's
-/// rows all share its slot, so the pass reads the owned slots only; rows above the last
-/// candidate cannot precede any candidate, and only keyed candidates need the check, so the pass
-/// ends at the last keyed candidate and is skipped (`id <= NULL`) for a batch without keys. The
-/// same rule as `ordered_tail`, at a fraction of its cost: one range pass instead of one or two
-/// index probes per key of the batch.
+/// Steps 2 and 3 of the plain form, where the fresh candidates are the oldest fresh rows of the
+/// whole table in `id` order: every row from the floor up to the last candidate was visited by
+/// that scan, so the rows of the owned slots in that range that are not candidates (locked by
+/// another relay or worker, delayed, waiting for a retry, of an excluded topic, of a parked or
+/// blocked key) are found by one second pass over the same `id` range, not by index probes per
+/// key; below the floor, only set-aside rows can precede a candidate ([`set_aside_gaps`]).
+/// `gaps` holds, per key with such a row, the oldest one; every candidate of the key from it on
+/// is dropped. A key's rows all share its slot, so the pass reads the owned slots only; rows
+/// above the last candidate cannot precede any candidate, and only keyed candidates need the
+/// check, so the pass ends at the last keyed candidate and is skipped (`id <= NULL`) for a batch
+/// without keys. The same rule as `ordered_tail`, at a fraction of its cost.
 macro_rules! ordered_gaps_tail {
     () => {
-        "gaps AS (
-  SELECT e.key, min(e.id) AS first_outside
-    FROM outbox.messages e
-   WHERE e.id <= (SELECT max(c.id) FROM cand c WHERE c.key IS NOT NULL)
-     AND e.slot = ANY($3::smallint[])
-     AND e.id NOT IN (SELECT c.id FROM cand c)
-   GROUP BY e.key
+        concat!(
+            "gaps AS (
+  SELECT x.key, min(x.id) AS first_outside FROM (
+    SELECT e.key, e.id FROM outbox.messages e
+     WHERE e.id >= $3
+       AND e.id <= (SELECT max(c.id) FROM cand c WHERE c.key IS NOT NULL)
+       AND e.slot = ANY($4::smallint[])
+       AND e.id NOT IN (SELECT c.id FROM cand c)
+    UNION ALL
+    ",
+            set_aside_gaps!(),
+            "
+  ) x GROUP BY x.key
 )
 SELECT c.* FROM cand c
   LEFT JOIN gaps g ON g.key = c.key
  WHERE g.first_outside IS NULL OR c.id < g.first_outside
  ORDER BY c.id"
+        )
     };
 }
 
 /// One statement, one snapshot, one round trip:
 ///
-/// 1. `cand`: the oldest available rows that are unkeyed or in an owned slot, whose key is not
-///    parked and has no row waiting for a retry (`blocked`), locked with `FOR UPDATE SKIP
-///    LOCKED`. The blocked-key check keeps a poisoned key's backlog from filling the batch; it
-///    is an optimisation, step 2 is the rule.
+/// 1. `cand`: the candidates ([`ordered_cand`]). The blocked-key check keeps a poisoned key's
+///    backlog from filling the batch; it is an optimisation, step 2 is the rule.
 /// 2. `first_outside`: per key in `cand`, the oldest row of the key that is NOT in `cand`
 ///    (waiting for a retry, delayed, locked by another relay that still has it in flight, or
 ///    enqueued after the scan). Rows of the key from that one on are dropped: they stay locked
@@ -228,56 +383,38 @@ const ORDERED_CLAIM_SQL: &str = concat!(
 WITH ",
     blocked_keys!(),
     ",
-cand AS MATERIALIZED (
-  SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.headers, m.created_at, m.attempts
-    FROM outbox.messages m
-   WHERE m.available_at <= now()
-     AND m.topic <> ALL($2::text[])
-     AND ",
-    cand_condition!(),
-    "
-   ORDER BY m.id
-   LIMIT $1
-     FOR UPDATE OF m SKIP LOCKED
-),
+",
+    ordered_cand!(fresh_rows!(cand_condition!())),
+    ",
 ",
     ordered_gaps_tail!()
 );
 
-/// [`ORDERED_CLAIM_SQL`] while some topics are excluded (a sink's circuit is open): `cand` is
-/// taken per active topic from `messages_topic_id_idx`, so a down sink's backlog at the head of
-/// the table is not walked on every claim (see [`ACTIVE_TOPICS_SQL`]). Step 2 is the same rule
-/// with index probes per key (`ordered_tail`): a pass over the `id` range up to the last
-/// candidate would walk that backlog after all.
+/// [`ORDERED_CLAIM_SQL`] while some topics are excluded (a sink's circuit is open): the fresh
+/// candidates are taken per active topic from `messages_topic_id_idx`, so a down sink's backlog
+/// at the head of the table is not walked on every claim (see [`ACTIVE_TOPICS_SQL`]). Step 2 is
+/// the same rule with index probes per key (`ordered_tail`): a pass over the `id` range up to
+/// the last candidate would walk that backlog after all.
 static ORDERED_CLAIM_EXCLUDING_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH {active}, {blocked},
-cand AS MATERIALIZED (
-  SELECT c.* FROM active t CROSS JOIN LATERAL (
-    SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.headers, m.created_at, m.attempts
-      FROM outbox.messages m
-     WHERE m.topic >= t.topic AND m.topic <= t.topic
-       AND m.available_at <= now()
-       AND {cond}
-     ORDER BY m.topic, m.id
-     LIMIT (SELECT n FROM share)
-       FOR UPDATE OF m SKIP LOCKED
-  ) c
-),
+{cand},
 {tail}",
         active = ACTIVE_TOPICS_SQL,
         blocked = blocked_keys!(),
-        cond = cand_condition!(),
+        cand = ordered_cand!(fresh_rows_per_topic!(cand_condition!())),
         tail = ordered_tail!()
     )
 });
 
-/// Claims an ordered batch (see [`ORDERED_CLAIM_SQL`]); `slots` are the slots this relay owns.
+/// Claims an ordered batch (see [`ORDERED_CLAIM_SQL`]); `slots` are the slots this relay owns,
+/// `floor` the claim floor ([`super::floor`]; 0 scans from the start).
 pub async fn claim_ordered(
     conn: &mut PgConnection,
     limit: i64,
     excluded: &[String],
     slots: &[i16],
+    floor: i64,
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
     let sql = if excluded.is_empty() {
         ORDERED_CLAIM_SQL
@@ -287,6 +424,7 @@ pub async fn claim_ordered(
     let rows = sqlx::query(sql)
         .bind(limit)
         .bind(excluded)
+        .bind(floor)
         .bind(slots)
         .fetch_all(&mut *conn)
         .await?;

@@ -4,12 +4,14 @@
 //! stable API.
 //!
 //! - [`claim`]: the unordered and ordered claims and the idle poll;
+//! - [`floor`]: the claim floor, below which the claims never scan for fresh rows;
 //! - [`complete`]: marking a batch: sent, retried, dead-lettered, keys parked;
 //! - [`lag`]: lag without `COUNT(*)`, dead-letter counts, compaction and retention cleanup;
 //! - [`dead`]: the dead-letter commands;
 //! - [`keys`]: held-back and parked keys and their commands;
 //! - [`cluster`]: relay heartbeats, ordering membership and slot leases;
 //! - [`sleepers`]: idle relays' registrations for NOTIFY;
+//! - [`vacuum`]: the relay's own VACUUM where autovacuum is off;
 //! - [`demo`]: the demo's sample table.
 //!
 //! This module and the ones below it import no sink and no pipeline type: rows come back as
@@ -26,9 +28,11 @@ pub mod cluster;
 pub mod complete;
 pub mod dead;
 pub mod demo;
+pub mod floor;
 pub mod keys;
 pub mod lag;
 pub mod sleepers;
+pub mod vacuum;
 
 pub use claim::{any_available, claim, claim_ordered, SLOTS};
 pub use complete::{dead_letter, mark_sent, park_dead, schedule_retries, Retry};
