@@ -10,13 +10,15 @@ use std::time::Duration;
 use outbox_client::{enqueue_many, Message};
 use support::*;
 
-/// The binary with a clean `OUTBOX_*` environment plus `env`; killed if it runs past 30 s.
+/// The binary with a clean `OUTBOX_*` environment (and no `DATABASE_URL`, which would stand in
+/// for `database.url`) plus `env`; killed if it runs past 30 s.
 fn run_cli(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(relay_bin());
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    cmd.env_remove("DATABASE_URL");
     for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("OUTBOX_")) {
         cmd.env_remove(k);
     }
@@ -66,11 +68,23 @@ fn assert_config_error(out: &Output, needles: &[&str]) {
 fn bad_config_exits_2_and_names_the_key() {
     // Unknown key in the TOML file.
     let out = run_with_config("[relay]\nbatch_sise = 10\n", &[]);
-    assert_config_error(&out, &["batch_sise", "relay"]);
+    assert_config_error(
+        &out,
+        &[
+            "unknown key `relay.batch_sise`",
+            "did you mean `batch_size`?",
+            "`batch_size`, `workers`",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("``") && !stderr.contains("`one of"),
+        "the list of keys is quoted once per key:\n{stderr}"
+    );
 
     // Unknown top-level section.
     let out = run_with_config("[relais]\nbatch_size = 10\n", &[]);
-    assert_config_error(&out, &["relais"]);
+    assert_config_error(&out, &["relais", "did you mean `relay`?"]);
 
     // Wrong value type.
     let out = run_with_config("[relay]\nbatch_size = \"many\"\n", &[]);
@@ -108,6 +122,93 @@ routes = [{ topics = ["orders.*"], subject = "outbox.{tpoic}" }]
     // A config file that does not exist.
     let out = run_cli(&["--config", "/nonexistent/relay.toml", "run"], &[]);
     assert_config_error(&out, &["/nonexistent/relay.toml"]);
+}
+
+/// The environment: `OUTBOX_DATABASE_URL` (one underscore) is refused with the spelling that
+/// works; an `OUTBOX_…` variable that is no key at all (Kubernetes sets `OUTBOX_SERVICE_HOST`
+/// for a service named `outbox`) is ignored with a warning naming it; `DATABASE_URL` sets
+/// `database.url` unless the file or `OUTBOX_DATABASE__URL` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environment_misspellings_are_explained_strangers_ignored_and_database_url_is_a_fallback() {
+    let db = TestDb::new().await;
+    let topic = unique("env.topic");
+    enqueue_many(
+        &mut db.pool.acquire().await.unwrap(),
+        &[Message::bytes(&topic, vec![1])],
+    )
+    .await
+    .unwrap();
+    let shows_topic = |out: &Output| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(
+            json["topics"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|t| t["topic"] == topic.as_str()),
+            "status read another database: {json}"
+        );
+    };
+
+    let out = run_cli(&["status"], &[("OUTBOX_DATABASE_URL", &db.url)]);
+    assert_config_error(
+        &out,
+        &[
+            "environment variable OUTBOX_DATABASE_URL is not a configuration key",
+            "did you mean OUTBOX_DATABASE__URL?",
+        ],
+    );
+    let out = run_cli(&["status"], &[("OUTBOX_RELAY_BATCH_SIZE", "10")]);
+    assert_config_error(&out, &["did you mean OUTBOX_RELAY__BATCH_SIZE?"]);
+
+    let out = run_cli(
+        &["status", "--json"],
+        &[
+            ("OUTBOX_DATABASE__URL", &db.url),
+            ("OUTBOX_SERVICE_HOST", "10.0.0.1"),
+        ],
+    );
+    shows_topic(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("ignoring environment variable OUTBOX_SERVICE_HOST"),
+        "{stderr}"
+    );
+
+    shows_topic(&run_cli(
+        &["status", "--json"],
+        &[("DATABASE_URL", &db.url)],
+    ));
+    let closed = format!("postgres://postgres@127.0.0.1:{}/postgres", free_port());
+    shows_topic(&run_cli(
+        &["status", "--json"],
+        &[("DATABASE_URL", &closed), ("OUTBOX_DATABASE__URL", &db.url)],
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.toml");
+    std::fs::write(
+        &path,
+        format!("[database]\nurl = \"{closed}\"\nconnect_timeout_secs = 2\n"),
+    )
+    .unwrap();
+    let out = run_cli(
+        &["--config", path.to_str().unwrap(), "status"],
+        &[("DATABASE_URL", &db.url)],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the file wins over DATABASE_URL: {stderr}"
+    );
+    assert!(stderr.contains(&closed), "{stderr}");
+    let out = run_cli(&["status"], &[("DATABASE_URL", "mysql://db/app")]);
+    assert_config_error(
+        &out,
+        &["database.url (from environment variable DATABASE_URL)"],
+    );
 }
 
 /// guarantees.md: with the database unreachable, `run` logs a clear error and retries with

@@ -1,9 +1,16 @@
 //! The relay's configuration: one TOML file, every key overridable from the environment.
 //!
-//! Sources, later ones winning: built-in defaults (local services), the TOML file (if any),
-//! then `OUTBOX_…` environment variables where `__` separates levels, e.g.
-//! `OUTBOX_DATABASE__URL`, `OUTBOX_RELAY__BATCH_SIZE`, `OUTBOX_SINKS__NATS__URL`.
-//! Unknown keys are errors, and [`Config::validate`] explains in sentences what to fix.
+//! Sources, later ones winning: built-in defaults (local services), `DATABASE_URL` (for
+//! `database.url` only), the TOML file (if any), then `OUTBOX_…` environment variables where
+//! `__` separates levels, e.g. `OUTBOX_DATABASE__URL`, `OUTBOX_RELAY__BATCH_SIZE`,
+//! `OUTBOX_SINKS__NATS__URL`. Unknown keys are errors that suggest the nearest known key, and
+//! [`Config::validate`] explains in sentences what to fix.
+//!
+//! An `OUTBOX_…` variable that looks like a key spelled with one underscore between levels
+//! (`OUTBOX_DATABASE_URL`) is an error naming the double-underscore spelling; one that resembles
+//! no key at all (`OUTBOX_SERVICE_HOST`, as Kubernetes sets for a service named `outbox`) is
+//! ignored with a warning ([`Config::warnings`]), so the environment of a shared host or pod
+//! cannot stop the relay.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -91,6 +98,13 @@ pub struct Config {
     /// Deprecated keys found while loading, each with its replacement (logged at start).
     #[serde(skip)]
     pub deprecations: Vec<String>,
+    /// Other remarks about the sources (an ignored `OUTBOX_…` variable), logged at start.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
+    /// Where `database.url` came from when it was not the file or `OUTBOX_DATABASE__URL`
+    /// (`DATABASE_URL`), so that a problem with it names the variable to fix.
+    #[serde(skip)]
+    pub database_url_source: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -301,7 +315,15 @@ pub enum LogFormat {
 impl Config {
     /// Loads defaults, then `path` (if given), then `OUTBOX_…` variables, and validates.
     pub fn load(path: Option<&Path>) -> Result<Self, Error> {
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        let scan = scan_env(std::env::vars());
+        if !scan.errors.is_empty() {
+            return Err(Error::Config(format!(
+                "invalid configuration:\n  - {}",
+                scan.errors.join("\n  - ")
+            )));
+        }
+        // The file and the `OUTBOX_…` variables, to learn whether they set `database.url`.
+        let mut sources = Figment::new();
         if let Some(path) = path {
             if !path.exists() {
                 return Err(Error::Config(format!(
@@ -309,10 +331,26 @@ impl Config {
                     path.display()
                 )));
             }
-            figment = figment.merge(Toml::file_exact(path));
+            sources = sources.merge(Toml::file_exact(path));
         }
-        figment = figment.merge(Env::prefixed("OUTBOX_").split("__").ignore(&["config"]));
-        let mut config: Config = figment.extract().map_err(|e| {
+        let ignored = scan.ignored.clone();
+        sources = sources.merge(
+            Env::prefixed(ENV_PREFIX)
+                .split("__")
+                .ignore(&["config"])
+                .filter(move |key| !ignored.iter().any(|i| key.as_str().eq_ignore_ascii_case(i))),
+        );
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        // `DATABASE_URL`, the variable psql, sqlx and most tools read, counts only when neither
+        // the file nor `OUTBOX_DATABASE__URL` sets `database.url`.
+        let mut database_url_source = None;
+        if let Some(url) = &scan.database_url {
+            if !sources.contains("database.url") {
+                figment = figment.merge(Serialized::default("database.url", url));
+                database_url_source = Some("environment variable DATABASE_URL".to_string());
+            }
+        }
+        let mut config: Config = figment.merge(sources).extract().map_err(|e| {
             Error::Config(
                 e.into_iter()
                     .map(|e| describe_figment_error(&e))
@@ -320,6 +358,17 @@ impl Config {
                     .join("\n"),
             )
         })?;
+        config.database_url_source = database_url_source;
+        config.warnings = scan
+            .ignored
+            .iter()
+            .map(|name| {
+                format!(
+                    "ignoring environment variable {ENV_PREFIX}{}: it is not a configuration key (those are {ENV_PREFIX}<SECTION>__<KEY>, e.g. {ENV_PREFIX}DATABASE__URL); rename or unset it to silence this warning",
+                    name.to_ascii_uppercase()
+                )
+            })
+            .collect();
         config.apply_deprecated_keys();
         config.apply_default_sink();
         config.validate()?;
@@ -382,8 +431,13 @@ impl Config {
         if !(self.database.url.starts_with("postgres://")
             || self.database.url.starts_with("postgresql://"))
         {
+            let source = self
+                .database_url_source
+                .as_ref()
+                .map(|s| format!(" (from {s})"))
+                .unwrap_or_default();
             problems.push(format!(
-                "database.url must be a postgres:// URL, got {:?}",
+                "database.url{source} must be a postgres:// URL, got {:?}",
                 crate::redact::redact_url(&self.database.url)
             ));
         }
@@ -489,30 +543,225 @@ impl Config {
     }
 }
 
+/// The prefix of the environment variables that override keys.
+const ENV_PREFIX: &str = "OUTBOX_";
+
+/// What [`scan_env`] found among the environment variables.
+#[derive(Debug, Default, PartialEq)]
+struct EnvScan {
+    /// `OUTBOX_…` variables that look like a key misspelled: each a sentence with the fix.
+    errors: Vec<String>,
+    /// `OUTBOX_…` names (without the prefix, lowercase) that resemble no key: left out.
+    ignored: Vec<String>,
+    /// `DATABASE_URL`, when set and not empty.
+    database_url: Option<String>,
+}
+
+/// Sorts the `OUTBOX_…` variables before figment reads them. A name with `__` is meant as a key
+/// (figment reports it if unknown, with the nearest key); one without is a top-level section,
+/// a key written with single underscores (an error naming the double-underscore spelling), or
+/// something else (ignored).
+fn scan_env(vars: impl Iterator<Item = (String, String)>) -> EnvScan {
+    let leaves = known_leaves();
+    let sections = known_sections();
+    let mut scan = EnvScan::default();
+    for (var, value) in vars {
+        if var == "DATABASE_URL" {
+            if !value.is_empty() {
+                scan.database_url = Some(value);
+            }
+            continue;
+        }
+        if var.len() <= ENV_PREFIX.len()
+            || !var.is_char_boundary(ENV_PREFIX.len())
+            || !var[..ENV_PREFIX.len()].eq_ignore_ascii_case(ENV_PREFIX)
+        {
+            continue;
+        }
+        let name = var[ENV_PREFIX.len()..].to_ascii_lowercase();
+        if name == "config" || name.contains("__") || sections.contains(&name) {
+            continue;
+        }
+        let to_var = |path: &str| {
+            format!(
+                "{ENV_PREFIX}{}",
+                path.replace('.', "__").to_ascii_uppercase()
+            )
+        };
+        // Single underscores where the levels need two: the key the name flattens to.
+        let exact = leaves.iter().find(|p| p.replace('.', "_") == name);
+        let near = || {
+            leaves
+                .iter()
+                .map(|p| (edit_distance(&p.replace('.', "_"), &name), p))
+                .filter(|(d, p)| *d <= 2 && *d < p.len() / 3)
+                .min_by_key(|(d, _)| *d)
+                .map(|(_, p)| p)
+        };
+        if let Some(path) = exact.or_else(near) {
+            scan.errors.push(format!(
+                "environment variable {var} is not a configuration key: did you mean {}? (a double underscore separates the levels: {ENV_PREFIX}<SECTION>__<KEY>)",
+                to_var(path)
+            ));
+        } else if let Some(rest) = name.strip_prefix("sinks_") {
+            let guess = match rest.split_once('_') {
+                Some((sink, key)) => format!(
+                    "did you mean {ENV_PREFIX}SINKS__{}__{}? ",
+                    sink.to_ascii_uppercase(),
+                    key.to_ascii_uppercase()
+                ),
+                None => String::new(),
+            };
+            scan.errors.push(format!(
+                "environment variable {var} is not a configuration key: {guess}(a sink's keys are {ENV_PREFIX}SINKS__<NAME>__<KEY>, with double underscores)"
+            ));
+        } else {
+            scan.ignored.push(name);
+        }
+    }
+    scan
+}
+
+/// The top-level sections (`database`, `relay`, …), lowercase.
+fn known_sections() -> Vec<String> {
+    match serde_json::to_value(Config::default()) {
+        Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Every key of the default configuration as a dotted path (`database.url`, `relay.batch_size`).
+fn known_leaves() -> Vec<String> {
+    fn walk(prefix: &str, value: &serde_json::Value, out: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(map) if !map.is_empty() => {
+                for (k, v) in map {
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&path, v, out);
+                }
+            }
+            _ if !prefix.is_empty() => out.push(prefix.to_string()),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(value) = serde_json::to_value(Config::default()) {
+        walk("", &value, &mut out);
+    }
+    out.retain(|p| p != "sinks");
+    out
+}
+
+/// Levenshtein distance (characters), for "did you mean" suggestions.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (diagonal + usize::from(ca != *cb))
+                .min(above + 1)
+                .min(row[j] + 1);
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
+/// The candidate nearest to `found`, if it is close enough to be a likely misspelling.
+fn nearest<'a>(found: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (edit_distance(found, c), *c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 4) && *d < c.len().max(2))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// `a`, `b` or `c`, each in backticks.
+fn one_of(candidates: &[&str]) -> String {
+    let quoted: Vec<String> = candidates.iter().map(|c| format!("`{c}`")).collect();
+    match quoted.as_slice() {
+        [] => "nothing".to_string(),
+        [only] => only.clone(),
+        [init @ .., last] => format!("{} or {last}", init.join(", ")),
+    }
+}
+
 fn describe_figment_error(e: &figment::Error) -> String {
-    let key = if e.path.is_empty() {
+    use figment::error::Kind;
+    let from_env = e
+        .metadata
+        .as_ref()
+        .is_some_and(|m| m.name.contains("environment variable"));
+    // The path of the offending key; for an unknown key figment may stop at its table.
+    let mut path = e.path.clone();
+    if let Kind::UnknownField(found, _) = &e.kind {
+        if path.last() != Some(found) {
+            path.push(found.clone());
+        }
+    }
+    let key = if path.is_empty() {
         String::from("(top level)")
     } else {
-        e.path.join(".")
+        path.join(".")
+    };
+    let env_var = |path: &[String]| {
+        format!(
+            "{ENV_PREFIX}{}",
+            path.iter()
+                .map(|k| k.to_ascii_uppercase())
+                .collect::<Vec<_>>()
+                .join("__")
+        )
     };
     let source = e
         .metadata
         .as_ref()
         .map(|m| match &m.source {
             // Name the exact variable to fix, e.g. OUTBOX_RELAY__BATCH_SIZE.
-            _ if m.name.contains("environment variable") && !e.path.is_empty() => format!(
-                " (from environment variable OUTBOX_{})",
-                e.path
-                    .iter()
-                    .map(|k| k.to_ascii_uppercase())
-                    .collect::<Vec<_>>()
-                    .join("__")
-            ),
+            _ if from_env && !path.is_empty() => {
+                format!(" (from environment variable {})", env_var(&path))
+            }
             Some(src) => format!(" (from {} {src})", m.name),
             None => format!(" (from {})", m.name),
         })
         .unwrap_or_default();
-    format!("invalid configuration: key `{key}`{source}: {}", e.kind)
+    match &e.kind {
+        Kind::UnknownField(found, expected) => {
+            let suggestion = match nearest(found, expected) {
+                Some(near) if from_env => {
+                    let mut fixed = path.clone();
+                    if let Some(last) = fixed.last_mut() {
+                        *last = near.to_string();
+                    }
+                    format!("did you mean {}? ", env_var(&fixed))
+                }
+                Some(near) => format!("did you mean `{near}`? "),
+                None => String::new(),
+            };
+            format!(
+                "invalid configuration: unknown key `{key}`{source}: {suggestion}the keys here are {}",
+                one_of(expected)
+            )
+        }
+        Kind::UnknownVariant(found, expected) => {
+            let suggestion = nearest(found, expected)
+                .map(|near| format!(" (did you mean `{near}`?)"))
+                .unwrap_or_default();
+            format!(
+                "invalid configuration: key `{key}`{source}: `{found}` is not a known value{suggestion}: use {}",
+                one_of(expected)
+            )
+        }
+        kind => format!("invalid configuration: key `{key}`{source}: {kind}"),
+    }
 }
 
 #[cfg(test)]
@@ -564,5 +813,92 @@ mod tests {
             e.contains("relay.claim_timeout_secs (5) must be greater"),
             "{e}"
         );
+    }
+
+    fn vars(pairs: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    #[test]
+    fn env_keys_with_single_underscores_get_the_double_underscore_spelling() {
+        let scan = scan_env(vars(&[
+            ("OUTBOX_DATABASE_URL", "postgres://x"),
+            ("OUTBOX_RELAY_BATCH_SIZE", "10"),
+            ("OUTBOX_RELAY_BATCH_SISE", "10"),
+            ("OUTBOX_SINKS_NATS_URL", "nats://x"),
+        ]));
+        assert_eq!(scan.errors.len(), 4, "{:?}", scan.errors);
+        assert!(
+            scan.errors[0].contains("OUTBOX_DATABASE_URL")
+                && scan.errors[0].contains("did you mean OUTBOX_DATABASE__URL?"),
+            "{}",
+            scan.errors[0]
+        );
+        assert!(scan.errors[1].contains("did you mean OUTBOX_RELAY__BATCH_SIZE?"));
+        assert!(scan.errors[2].contains("did you mean OUTBOX_RELAY__BATCH_SIZE?"));
+        assert!(scan.errors[3].contains("did you mean OUTBOX_SINKS__NATS__URL?"));
+        assert!(scan.ignored.is_empty());
+    }
+
+    #[test]
+    fn unrelated_env_variables_are_ignored_and_proper_keys_left_to_figment() {
+        let scan = scan_env(vars(&[
+            ("OUTBOX_SERVICE_HOST", "10.0.0.1"),
+            ("OUTBOX_PORT", "tcp://10.0.0.1:5432"),
+            ("OUTBOX_CONFIG", "relay.toml"),
+            ("OUTBOX_DATABASE__URL", "postgres://x"),
+            ("OUTBOX_DATABSE__URL", "postgres://x"),
+            ("PATH", "/usr/bin"),
+            ("DATABASE_URL", "postgres://fallback"),
+        ]));
+        assert!(scan.errors.is_empty(), "{:?}", scan.errors);
+        assert_eq!(scan.ignored, vec!["service_host", "port"]);
+        assert_eq!(scan.database_url.as_deref(), Some("postgres://fallback"));
+        assert_eq!(scan_env(vars(&[("DATABASE_URL", "")])).database_url, None);
+    }
+
+    #[test]
+    fn unknown_keys_and_values_suggest_the_nearest_without_nested_backticks() {
+        let e = figment::Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string("[relay]\nbatch_sise = 10\n"))
+            .extract::<Config>()
+            .unwrap_err();
+        let msg = describe_figment_error(&e.into_iter().next().unwrap());
+        assert!(
+            msg.starts_with("invalid configuration: unknown key `relay.batch_sise`"),
+            "{msg}"
+        );
+        assert!(msg.contains("did you mean `batch_size`?"), "{msg}");
+        assert!(msg.contains("`batch_size`, `workers`,"), "{msg}");
+        assert!(!msg.contains("``") && !msg.contains("`one of"), "{msg}");
+
+        let e = figment::Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string("[log]\nformat = \"jsno\"\n"))
+            .extract::<Config>()
+            .unwrap_err();
+        let msg = describe_figment_error(&e.into_iter().next().unwrap());
+        assert!(
+            msg.contains(
+                "`jsno` is not a known value (did you mean `json`?): use `text` or `json`"
+            ),
+            "{msg}"
+        );
+        assert!(!msg.contains("``"), "{msg}");
+    }
+
+    #[test]
+    fn edit_distance_counts_single_character_edits() {
+        assert_eq!(edit_distance("batch_sise", "batch_size"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("relais", "relay"), 2);
+        assert_eq!(
+            nearest("relais", &["database", "relay", "http"]),
+            Some("relay")
+        );
+        assert_eq!(nearest("frobnicate", &["database", "relay", "http"]), None);
     }
 }

@@ -28,7 +28,8 @@ use crate::config::{Config, LogFormat};
 )]
 pub struct Cli {
     /// TOML configuration file. Without one, defaults point at local services; every key can
-    /// be overridden with OUTBOX_<SECTION>__<KEY> environment variables.
+    /// be overridden with OUTBOX_<SECTION>__<KEY> environment variables (double underscores),
+    /// and DATABASE_URL sets database.url when neither the file nor OUTBOX_DATABASE__URL does.
     #[arg(long, short, global = true, env = "OUTBOX_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -88,6 +89,9 @@ pub fn main() -> ExitCode {
         _ => config.log.level.clone(),
     };
     init_logging(&config, &level);
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
