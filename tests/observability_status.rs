@@ -138,9 +138,11 @@ async fn status_watch_json_prints_one_object_per_refresh() {
         .map(|t| (t["topic"].as_str().unwrap().to_string(), t.clone()))
         .collect();
     let later_topic = &topics["st.later"];
+    // Scheduled an hour ahead: waiting, but not due, so not late.
     assert_eq!(later_topic["waiting"], 3);
-    assert!(later_topic["oldest_age_seconds"].as_f64().unwrap() > 0.0);
-    assert!(later_topic["oldest_created_at"].is_string());
+    assert_eq!(later_topic["scheduled"], 3);
+    assert_eq!(later_topic["oldest_age_seconds"].as_f64().unwrap(), 0.0);
+    assert!(later_topic["oldest_due_since"].is_null());
     assert_eq!(later_topic["dead_letters"], 0);
     assert_eq!(topics["unrouted.topic"]["dead_letters"], 1);
     assert_eq!(topics["unrouted.topic"]["waiting"], 0);

@@ -122,8 +122,14 @@ async fn retriable_failures_are_retried_with_backoff_until_delivered() {
     assert_eq!(attempts, [0, 1, 2], "two failed attempts, then delivered");
     wait_until(
         Duration::from_secs(10),
-        "the row is marked sent",
-        || async { db.waiting().await == 0 },
+        "the row is marked sent and counted",
+        || async {
+            db.waiting().await == 0
+                && relay.counter(
+                    "outbox_published_total",
+                    &[("topic", &topic), ("outcome", "delivered")],
+                ) >= 1.0
+        },
     )
     .await;
     assert_eq!(
@@ -200,6 +206,11 @@ async fn an_unrouted_topic_is_dead_lettered_as_no_route() {
     .await;
     let (_, error) = dead_letter(&db, &stray).await.unwrap();
     assert!(error.contains("no route matches topic"), "{error}");
+    // The batch's metrics are counted just after its transaction commits.
+    wait_until(Duration::from_secs(10), "the no_route error counted", || async {
+        relay.counter("outbox_publish_errors_total", &[("error_type", "no_route")]) >= 1.0
+    })
+    .await;
     assert_eq!(
         relay.counter("outbox_publish_errors_total", &[("error_type", "no_route")]),
         1.0

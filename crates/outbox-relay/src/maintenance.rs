@@ -50,6 +50,10 @@ pub async fn sample_lag(pool: &PgPool, metrics: &Metrics) -> Result<(), sqlx::Er
         if !lag.iter().any(|l| l.topic == topic) {
             metrics.pending_messages.with_label_values(&[&topic]).set(0);
             metrics
+                .scheduled_messages
+                .with_label_values(&[&topic])
+                .set(0);
+            metrics
                 .oldest_pending_age_seconds
                 .with_label_values(&[&topic])
                 .set(0.0);
@@ -60,6 +64,10 @@ pub async fn sample_lag(pool: &PgPool, metrics: &Metrics) -> Result<(), sqlx::Er
             .pending_messages
             .with_label_values(&[&l.topic])
             .set(l.waiting);
+        metrics
+            .scheduled_messages
+            .with_label_values(&[&l.topic])
+            .set(l.scheduled);
         metrics
             .oldest_pending_age_seconds
             .with_label_values(&[&l.topic])

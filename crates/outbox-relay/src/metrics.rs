@@ -10,6 +10,7 @@ use prometheus::{
 pub struct Metrics {
     pub registry: Registry,
     pub pending_messages: IntGaugeVec,
+    pub scheduled_messages: IntGaugeVec,
     pub oldest_pending_age_seconds: GaugeVec,
     pub dead_letters: IntGaugeVec,
     pub published_total: IntCounterVec,
@@ -56,8 +57,13 @@ impl Metrics {
                 &["topic"],
             )
             .unwrap(),
+            scheduled_messages: IntGaugeVec::new(
+                opts("outbox_scheduled_messages", "Outbox rows delayed or scheduled for a retry that are not due yet (included in outbox_pending_messages)."),
+                &["topic"],
+            )
+            .unwrap(),
             oldest_pending_age_seconds: GaugeVec::new(
-                opts("outbox_oldest_pending_age_seconds", "Age of the oldest waiting outbox row."),
+                opts("outbox_oldest_pending_age_seconds", "How long the oldest due outbox row has been due: since created_at, or since available_at for a row delayed at enqueue."),
                 &["topic"],
             )
             .unwrap(),
@@ -157,6 +163,7 @@ impl Metrics {
         let r = &m.registry;
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(m.pending_messages.clone()),
+            Box::new(m.scheduled_messages.clone()),
             Box::new(m.oldest_pending_age_seconds.clone()),
             Box::new(m.dead_letters.clone()),
             Box::new(m.published_total.clone()),

@@ -37,7 +37,7 @@ pub struct Status {
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TopicStatus {
-    /// `topic`, `waiting`, `oldest_created_at`, `oldest_age_seconds`.
+    /// `topic`, `waiting`, `scheduled`, `oldest_due_since`, `oldest_age_seconds`.
     #[serde(flatten)]
     pub lag: TopicLag,
     /// Rows per second marked delivered by the live relays; `null` when no relay reports.
@@ -102,7 +102,8 @@ fn assemble(
                 .unwrap_or(TopicLag {
                     topic: name.clone(),
                     waiting: 0,
-                    oldest_created_at: None,
+                    scheduled: 0,
+                    oldest_due_since: None,
                     oldest_age_seconds: 0.0,
                 }),
             publish_rate_per_second: (!fresh.is_empty())
@@ -170,8 +171,8 @@ pub fn render_table(s: &Status) -> String {
         .unwrap_or(5)
         .max(5);
     out.push_str(&format!(
-        "{:<width$}  {:>10}  {:>10}  {:>10}  {:>8}\n",
-        "TOPIC", "WAITING", "OLDEST", "PUBLISH/S", "DEAD"
+        "{:<width$}  {:>10}  {:>10}  {:>10}  {:>10}  {:>8}\n",
+        "TOPIC", "WAITING", "SCHEDULED", "OLDEST DUE", "PUBLISH/S", "DEAD"
     ));
     if s.topics.is_empty() {
         out.push_str("(nothing waiting)\n");
@@ -182,9 +183,10 @@ pub fn render_table(s: &Status) -> String {
             .map(|r| format!("{r:.1}"))
             .unwrap_or_else(|| "-".into());
         out.push_str(&format!(
-            "{:<width$}  {:>10}  {:>10}  {:>10}  {:>8}\n",
+            "{:<width$}  {:>10}  {:>10}  {:>10}  {:>10}  {:>8}\n",
             t.lag.topic,
             t.lag.waiting,
+            t.lag.scheduled,
             fmt_age(t.lag.oldest_age_seconds),
             rate,
             t.dead_letters
@@ -319,7 +321,8 @@ mod tests {
         let lag = vec![TopicLag {
             topic: "a".into(),
             waiting: 5,
-            oldest_created_at: None,
+            scheduled: 0,
+            oldest_due_since: None,
             oldest_age_seconds: 1.0,
         }];
         let relays = vec![

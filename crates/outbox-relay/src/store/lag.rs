@@ -1,4 +1,4 @@
-//! Lag without `COUNT(*)` (insert-only count deltas plus one index descent per topic), dead
+//! Lag without `COUNT(*)` (insert-only count deltas plus a few index descents per topic), dead
 //! letters per topic, and the periodic upkeep of the tables: count compaction and the retention
 //! cleanup of sent rows.
 
@@ -11,30 +11,50 @@ use sqlx::{PgConnection, Row};
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TopicLag {
     pub topic: String,
+    /// Rows waiting, scheduled ones included.
     pub waiting: i64,
-    pub oldest_created_at: Option<DateTime<Utc>>,
+    /// Of those, rows delayed or scheduled for a retry that are not due yet.
+    pub scheduled: i64,
+    /// Since when the oldest due row has been due: its `created_at`, or its `available_at` when
+    /// it was delayed at enqueue (a row scheduled for later is not late before its time). A
+    /// retried row counts from `created_at`: a failing message is late.
+    pub oldest_due_since: Option<DateTime<Utc>>,
     pub oldest_age_seconds: f64,
 }
 
 /// Per-topic backlog without scanning the table: the count is the sum of the insert-only
-/// deltas (a handful of rows per topic after compaction) and the oldest row is the first entry
-/// of the topic's range in `messages_topic_id_idx`.
+/// deltas (a handful of rows per topic after compaction); the oldest due row is the older of
+/// the topic's first fresh row from the claim floor on (one descent of `messages_topic_id_idx`,
+/// so the rows deleted below the floor are not walked) and its oldest due set-aside row (from
+/// `messages_set_aside_due_idx`); scheduled rows are counted from the same index.
 ///
-/// The oldest-row lookup is written `topic >= $t AND topic <= $t ORDER BY topic, id` on purpose:
-/// with `topic = $t ORDER BY id` the planner may walk the primary key from the oldest row and
-/// filter on topic, which reads most of the table to find the first row of a quiet topic whose
-/// rows are all recent (measured: 230 ms at 200,000 rows, the cost of a COUNT(*)). In the range
-/// form only `messages_topic_id_idx` yields that order, so each topic costs one index descent.
+/// The fresh-row lookup is written `(topic, id) >= ($t, floor) AND topic <= $t ORDER BY topic,
+/// id` on purpose: with `topic = $t ORDER BY id` the planner may walk the primary key and filter
+/// on topic, which reads most of the table to find the first row of a quiet topic whose rows
+/// are all recent (measured: 230 ms at 200,000 rows, the cost of a COUNT(*)). In the range form
+/// only `messages_topic_id_idx` yields that order, so each topic costs one index descent.
 /// Measured with 5 million waiting rows by `cargo run --example lag_bench` (docs/metrics.md,
 /// "Lag that stays cheap").
-pub const LAG_SQL: &str = "SELECT c.topic, c.waiting, o.created_at,
-                coalesce(extract(epoch FROM (now() - o.created_at)), 0)::float8 AS age
-           FROM (SELECT topic, sum(n)::bigint AS waiting FROM outbox.topic_counts
-                  GROUP BY topic HAVING sum(n) <> 0) c
-           LEFT JOIN LATERAL (SELECT m.created_at FROM outbox.messages m
-                               WHERE m.topic >= c.topic AND m.topic <= c.topic
-                               ORDER BY m.topic, m.id LIMIT 1) o ON true
-          ORDER BY c.topic";
+pub const LAG_SQL: &str = "
+WITH f AS MATERIALIZED (SELECT coalesce((SELECT floor FROM outbox.claim_floor), 0) AS floor)
+SELECT c.topic, c.waiting, coalesce(s.n, 0) AS scheduled, o.since,
+       coalesce(extract(epoch FROM (now() - o.since)), 0)::float8 AS age
+  FROM (SELECT topic, sum(n)::bigint AS waiting FROM outbox.topic_counts
+         GROUP BY topic HAVING sum(n) <> 0) c
+  LEFT JOIN LATERAL (
+    SELECT least(
+      (SELECT m.created_at FROM outbox.messages m
+        WHERE (m.topic, m.id) >= (c.topic, (SELECT floor FROM f)) AND m.topic <= c.topic
+          AND m.available_at <= m.created_at
+        ORDER BY m.topic, m.id LIMIT 1),
+      (SELECT min(CASE WHEN d.attempts = 0 THEN d.available_at ELSE d.created_at END)
+         FROM outbox.messages d
+        WHERE d.available_at > d.created_at AND d.available_at <= now() AND d.topic = c.topic)
+    ) AS since) o ON true
+  LEFT JOIN LATERAL (
+    SELECT count(*) AS n FROM outbox.messages d
+     WHERE d.available_at > d.created_at AND d.available_at > now() AND d.topic = c.topic) s ON true
+ ORDER BY c.topic";
 
 pub async fn lag(conn: &mut PgConnection) -> Result<Vec<TopicLag>, sqlx::Error> {
     let rows = sqlx::query(LAG_SQL).fetch_all(conn).await?;
@@ -43,7 +63,8 @@ pub async fn lag(conn: &mut PgConnection) -> Result<Vec<TopicLag>, sqlx::Error> 
             Ok(TopicLag {
                 topic: r.try_get("topic")?,
                 waiting: r.try_get("waiting")?,
-                oldest_created_at: r.try_get("created_at")?,
+                scheduled: r.try_get("scheduled")?,
+                oldest_due_since: r.try_get("since")?,
                 oldest_age_seconds: r.try_get::<f64, _>("age")?.max(0.0),
             })
         })
