@@ -1,5 +1,6 @@
-//! `outbox-relay dead list|show|retry|purge` against a real database (guarantees.md,
-//! "Dead letters"), and a retried dead letter delivered by the real relay.
+//! `outbox-relay dead list|show|retry|purge` and `outbox-relay keys release` against a real
+//! database (guarantees.md, "Dead letters"; docs/operations.md), and a retried dead letter
+//! delivered by the real relay.
 
 mod support;
 
@@ -41,10 +42,22 @@ fn json(o: &Output) -> serde_json::Value {
 
 /// Inserts a dead letter as the relay would have left it, dead for `dead_secs_ago` seconds.
 async fn insert_dead(db: &TestDb, id: i64, topic: &str, payload: &[u8], dead_secs_ago: i64) {
+    insert_dead_keyed(db, id, topic, "key-1", payload, dead_secs_ago).await;
+}
+
+/// [`insert_dead`] with the ordering key `key`.
+async fn insert_dead_keyed(
+    db: &TestDb,
+    id: i64,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+    dead_secs_ago: i64,
+) {
     sqlx::query(
         "INSERT INTO outbox.dead_letters
                 (id, message_id, topic, key, payload, headers, created_at, attempts, last_error, errors, dead_at)
-         VALUES ($1, 'mid-' || $1, $2, 'key-1', $3, '{\"h\":\"v\"}', now() - interval '1 day', 3,
+         VALUES ($1, 'mid-' || $1, $2, $5, $3, '{\"h\":\"v\"}', now() - interval '1 day', 3,
                  'broker said no (gave up after 3 attempts)',
                  jsonb_build_array(
                    jsonb_build_object('at', now(), 'attempt', 1, 'error', 'first failure'),
@@ -56,6 +69,7 @@ async fn insert_dead(db: &TestDb, id: i64, topic: &str, payload: &[u8], dead_sec
     .bind(topic)
     .bind(payload)
     .bind(dead_secs_ago)
+    .bind(key)
     .execute(&db.pool)
     .await
     .unwrap();
@@ -436,6 +450,294 @@ async fn dead_purge_on_a_terminal_asks_for_the_count() {
         "{}",
         String::from_utf8_lossy(&yes.stdout)
     );
+
+    // `dead retry` without a filter asks the same way.
+    insert_dead(&db, 43, "t", b"x", 5).await;
+    let retry = |answer: &str| {
+        let mut child = Command::new("script")
+            .args([
+                "-qec",
+                &format!("{} dead retry", relay_bin().display()),
+                "/dev/null",
+            ])
+            .env("OUTBOX_DATABASE__URL", &db.url)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{answer}\n").as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let no = retry("nope");
+    let text = String::from_utf8_lossy(&no.stdout);
+    assert!(
+        text.contains("this will retry ALL 1 dead letter(s). Type 1 or 'yes' to confirm"),
+        "{text}"
+    );
+    assert_eq!(
+        dead_ids(&db).await,
+        vec![43],
+        "a wrong answer retries nothing"
+    );
+    let yes = retry("yes");
+    let text = String::from_utf8_lossy(&yes.stdout);
+    assert!(text.contains("retried 1 dead letter(s)"), "{text}");
+    assert!(dead_ids(&db).await.is_empty());
+}
+
+async fn dead_ids(db: &TestDb) -> Vec<i64> {
+    sqlx::query_scalar("SELECT id FROM outbox.dead_letters ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// `dead retry 987654` and `dead purge <id>...` take ids the way `dead show` does; `dead list`
+/// takes them too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_retry_purge_and_list_take_ids_like_show() {
+    let db = TestDb::new().await;
+    for id in 61..=64 {
+        insert_dead(&db, id, "t", b"x", 5).await;
+    }
+    assert_eq!(
+        ids(&json(&cli(&db, &["dead", "list", "62", "64", "--json"]))),
+        vec![62, 64]
+    );
+    let out = cli(&db, &["dead", "retry", "61", "63"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("retried 2 dead letter(s)"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(dead_ids(&db).await, vec![62, 64]);
+    let out = cli(&db, &["dead", "purge", "64", "--yes"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(dead_ids(&db).await, vec![62]);
+    let none = cli(&db, &["dead", "retry", "987654"]);
+    assert!(none.status.success(), "{}", stderr(&none));
+    assert!(
+        stdout(&none).contains("nothing retried"),
+        "{}",
+        stdout(&none)
+    );
+}
+
+/// `dead retry` without ids or a filter would retry everything: without a terminal it refuses
+/// unless --yes; `--dry-run` on retry and purge prints the rows and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_retry_of_everything_needs_yes_and_dry_runs_change_nothing() {
+    let db = TestDb::new().await;
+    for id in 71..=73 {
+        insert_dead(&db, id, if id == 73 { "b" } else { "a" }, b"x", 5).await;
+    }
+    let refused = cli(&db, &["dead", "retry"]);
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("refusing to retry all 3 dead letter(s)")
+            && stderr(&refused).contains("--yes")
+            && stderr(&refused).contains("--dry-run"),
+        "{}",
+        stderr(&refused)
+    );
+    let limited = cli(&db, &["dead", "retry", "--limit", "1"]);
+    assert_eq!(limited.status.code(), Some(2), "a limit is not a filter");
+    assert_eq!(dead_ids(&db).await, vec![71, 72, 73], "nothing retried");
+
+    let dry = cli(&db, &["dead", "retry", "--dry-run"]);
+    assert!(dry.status.success(), "{}", stderr(&dry));
+    let text = stdout(&dry);
+    assert!(
+        text.contains("dry run: would retry 3 dead letter(s); nothing changed")
+            && text.contains("71")
+            && text.contains("73"),
+        "{text}"
+    );
+    let dry = json(&cli(
+        &db,
+        &["dead", "purge", "--topic", "a", "--dry-run", "--json"],
+    ));
+    assert_eq!(dry["would_purge"], 2);
+    assert_eq!(ids(&dry), vec![71, 72]);
+    assert_eq!(
+        dead_ids(&db).await,
+        vec![71, 72, 73],
+        "dry runs change nothing"
+    );
+    let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox.messages")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(waiting, 0);
+
+    let with_filter = cli(&db, &["dead", "retry", "--topic", "b"]);
+    assert!(
+        with_filter.status.success(),
+        "a filter needs no --yes: {}",
+        stderr(&with_filter)
+    );
+    let all = json(&cli(&db, &["dead", "retry", "--yes", "--json"]));
+    assert_eq!(all["retried"], 2);
+    assert!(dead_ids(&db).await.is_empty());
+}
+
+/// `dead list` shows each letter's key and filters by it, like retry and purge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_list_shows_the_key_and_every_verb_filters_by_it() {
+    let db = TestDb::new().await;
+    insert_dead_keyed(&db, 81, "orders", "customer-17", b"x", 5).await;
+    insert_dead_keyed(&db, 82, "orders", "customer-42", b"x", 5).await;
+    insert_dead_keyed(&db, 83, "orders", "customer-17", b"x", 5).await;
+    let table = cli(&db, &["dead", "list"]);
+    assert!(table.status.success(), "{}", stderr(&table));
+    let text = stdout(&table);
+    let header = text.lines().next().unwrap();
+    assert!(header.contains("TOPIC") && header.contains("KEY"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("82") && l.contains("customer-42")),
+        "{text}"
+    );
+    assert_eq!(
+        ids(&json(&cli(
+            &db,
+            &["dead", "list", "--key", "customer-17", "--json"]
+        ))),
+        vec![81, 83]
+    );
+    let dry = json(&cli(
+        &db,
+        &[
+            "dead",
+            "retry",
+            "--key",
+            "customer-42",
+            "--dry-run",
+            "--json",
+        ],
+    ));
+    assert_eq!(ids(&dry), vec![82]);
+    let out = cli(&db, &["dead", "purge", "--key", "customer-17", "--yes"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(dead_ids(&db).await, vec![82]);
+}
+
+/// Retrying a letter of a topic that the command's configuration routes to no sink says that
+/// the relay will dead-letter it again ("no route"); a routed topic gets no such hint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_retry_hints_when_the_topic_still_has_no_route() {
+    let db = TestDb::new().await;
+    insert_dead(&db, 91, "invoices.sent", b"x", 5).await;
+    insert_dead(&db, 92, "orders.paid", b"x", 5).await;
+    sqlx::query(
+        "UPDATE outbox.dead_letters
+            SET last_error = 'no route matches topic \"invoices.sent\": add it (or a pattern) to a sink''s routes'
+          WHERE id = 91",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.toml");
+    std::fs::write(
+        &path,
+        "[sinks.events]\nkind = \"nats\"\nroutes = [{ topics = [\"orders.*\"], subject = \"outbox.{topic}\" }]\n",
+    )
+    .unwrap();
+    let config = path.to_str().unwrap();
+
+    let dry = cli(
+        &db,
+        &["--config", config, "dead", "retry", "--dry-run", "91"],
+    );
+    assert!(dry.status.success(), "{}", stderr(&dry));
+    assert!(
+        stderr(&dry).contains("hint: no sink routes topic \"invoices.sent\""),
+        "{}",
+        stderr(&dry)
+    );
+    let routed = cli(&db, &["--config", config, "dead", "retry", "92"]);
+    assert!(routed.status.success(), "{}", stderr(&routed));
+    assert!(!stderr(&routed).contains("hint"), "{}", stderr(&routed));
+    let out = json(&cli(
+        &db,
+        &["--config", config, "dead", "retry", "91", "--json"],
+    ));
+    assert_eq!(out["retried"], 1);
+    let hint = out["hints"][0].as_str().unwrap();
+    assert!(
+        hint.contains("invoices.sent") && hint.contains("dead-letter these 1 message(s) again"),
+        "{hint}"
+    );
+}
+
+/// `keys release` takes keys, `--topic` (every key parked for it), or both (the key only if it
+/// is parked for that topic), consistent with the (key, topic) rows of `keys list`; `--dry-run`
+/// changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_release_by_key_by_topic_or_both() {
+    let db = TestDb::new().await;
+    for (i, (key, topic)) in [("ka", "t1"), ("kb", "t1"), ("kc", "t2")]
+        .iter()
+        .enumerate()
+    {
+        sqlx::query(
+            "INSERT INTO outbox.parked_keys (key, topic, dead_id, message_id, reason)
+             VALUES ($1, $2, $3, 'mid-' || $3, 'broker said no')",
+        )
+        .bind(key)
+        .bind(topic)
+        .bind(100 + i as i64)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let parked = || async {
+        sqlx::query_scalar::<_, String>("SELECT key FROM outbox.parked_keys ORDER BY key")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap()
+    };
+    let dry = cli(&db, &["keys", "release", "--topic", "t1", "--dry-run"]);
+    assert!(dry.status.success(), "{}", stderr(&dry));
+    assert!(
+        stdout(&dry).contains("key \"ka\" (topic t1) would be released")
+            && stdout(&dry).contains("2 key(s) would be released; nothing changed"),
+        "{}",
+        stdout(&dry)
+    );
+    assert_eq!(parked().await, vec!["ka", "kb", "kc"]);
+
+    let wrong = cli(&db, &["keys", "release", "kc", "--topic", "t1"]);
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(
+        stderr(&wrong).contains("key \"kc\" is parked for topic \"t2\", not \"t1\""),
+        "{}",
+        stderr(&wrong)
+    );
+    assert_eq!(parked().await, vec!["ka", "kb", "kc"], "kc stays parked");
+
+    let by_topic = json(&cli(&db, &["keys", "release", "--topic", "t1", "--json"]));
+    assert_eq!(by_topic["released"].as_array().unwrap().len(), 2);
+    assert_eq!(parked().await, vec!["kc"]);
+    let both = cli(&db, &["keys", "release", "kc", "--topic", "t2"]);
+    assert!(both.status.success(), "{}", stderr(&both));
+    assert!(parked().await.is_empty());
+
+    let nothing = cli(&db, &["keys", "release", "--topic", "t9"]);
+    assert_eq!(nothing.status.code(), Some(1));
+    assert!(stderr(&nothing).contains("no key is parked for topic \"t9\""));
+    let usage = cli(&db, &["keys", "release"]);
+    assert_eq!(usage.status.code(), Some(2), "a key or --topic is required");
 }
 
 /// A retried dead letter is published by the relay like any other row.

@@ -3,9 +3,16 @@
 //! A dead letter is a message the relay gave up on (a permanent rejection, no route, or
 //! `relay.max_attempts` failed attempts). It stays in the database with its payload and full
 //! error history until an operator retries it (back into `outbox.messages`, attempts reset,
-//! available at once, original id kept) or purges it (after a confirmation, or `--yes`).
+//! available at once, original id kept) or purges it.
+//!
+//! `list`, `retry` and `purge` take the same selection: ids, `--topic`, `--key`, an id range and
+//! ages, all of which must match. `retry` and `purge` have `--dry-run` (print the rows, change
+//! nothing); `purge` always asks for confirmation on a terminal (or needs `--yes`), `retry` asks
+//! when it would retry everything (no ids, no filter). A retry of a topic that the loaded
+//! configuration does not route prints a hint: the relays would dead-letter it again at once.
 //! The SQL is in [`crate::store::dead`]; this module parses, confirms and prints.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, IsTerminal, Write};
 use std::time::Duration;
@@ -14,6 +21,7 @@ use chrono::Utc;
 use clap::{Args, Subcommand};
 use sqlx::PgPool;
 
+use crate::config::Config;
 use crate::store::dead::{self as sql, DeadFilter, DeadLetter, DeadSummary, RetryResult};
 
 #[derive(Debug, Subcommand)]
@@ -38,12 +46,16 @@ pub enum DeadCommand {
         json: bool,
     },
     /// Move matching dead letters back into the outbox: attempts reset, available now, same id.
+    /// Without ids or a filter (everything) it asks first on a terminal and otherwise needs
+    /// --yes.
     Retry {
         #[command(flatten)]
         filter: FilterArgs,
         /// Retry at most this many (lowest ids first).
         #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
         limit: Option<i64>,
+        #[command(flatten)]
+        confirm: ConfirmArgs,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -56,21 +68,27 @@ pub enum DeadCommand {
         /// Purge at most this many (lowest ids first).
         #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
         limit: Option<i64>,
-        /// Do not ask: purge everything that matches.
-        #[arg(long, short)]
-        yes: bool,
+        #[command(flatten)]
+        confirm: ConfirmArgs,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
 }
 
-/// Filters shared by list, retry and purge. Ages count from when the row was dead-lettered.
+/// Filters shared by list, retry and purge; every one given must match. Ages count from when
+/// the row was dead-lettered.
 #[derive(Debug, Clone, Default, Args)]
 pub struct FilterArgs {
+    /// Only these dead letters (ids as `list` shows them); several may be given.
+    #[arg(value_name = "ID")]
+    pub ids: Vec<i64>,
     /// Only this topic (exact name); repeat for several.
     #[arg(long, value_name = "TOPIC")]
     pub topic: Vec<String>,
+    /// Only this ordering key (exact); repeat for several.
+    #[arg(long, value_name = "KEY")]
+    pub key: Vec<String>,
     /// Only rows dead-lettered at least this long ago: 30s, 10m, 2h, 3d, 1w.
     #[arg(long, value_name = "AGE", value_parser = parse_age)]
     pub older_than: Option<Duration>,
@@ -83,6 +101,17 @@ pub struct FilterArgs {
     /// Only ids <= this.
     #[arg(long, value_name = "ID")]
     pub id_to: Option<i64>,
+}
+
+/// How retry and purge make sure the operator means it.
+#[derive(Debug, Clone, Copy, Default, Args)]
+pub struct ConfirmArgs {
+    /// Print what would be affected and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Do not ask: act on everything that matches.
+    #[arg(long, short, conflicts_with = "dry_run")]
+    pub yes: bool,
 }
 
 impl FilterArgs {
@@ -100,6 +129,8 @@ impl FilterArgs {
             newer_than: self.newer_than,
             id_from: self.id_from,
             id_to: self.id_to,
+            ids: self.ids.clone(),
+            keys: self.key.clone(),
         })
     }
 }
@@ -129,7 +160,9 @@ pub fn parse_age(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
-pub async fn run(pool: &PgPool, command: DeadCommand) -> anyhow::Result<()> {
+/// Runs a `dead` command. `config` is the configuration this command loaded: retry checks the
+/// retried topics against its routes.
+pub async fn run(pool: &PgPool, command: DeadCommand, config: &Config) -> anyhow::Result<()> {
     let mut conn = pool.acquire().await?;
     match command {
         DeadCommand::List {
@@ -138,7 +171,7 @@ pub async fn run(pool: &PgPool, command: DeadCommand) -> anyhow::Result<()> {
             json,
         } => {
             let filter = filter.to_filter()?;
-            let rows = sql::list(&mut conn, &filter, limit).await?;
+            let rows = sql::list(&mut conn, &filter, Some(limit)).await?;
             let total = sql::count(&mut conn, &filter).await?;
             if json {
                 println!(
@@ -166,20 +199,61 @@ pub async fn run(pool: &PgPool, command: DeadCommand) -> anyhow::Result<()> {
         DeadCommand::Retry {
             filter,
             limit,
+            confirm,
             json,
         } => {
             let filter = filter.to_filter()?;
-            let results = sql::retry(&mut conn, &filter, limit).await?;
+            let router =
+                crate::routing::Router::new(&config.sinks).map_err(crate::Error::Config)?;
+            if confirm.dry_run {
+                let rows = sql::list(&mut conn, &filter, limit).await?;
+                let hints = route_hints(&router, rows.iter().map(|r| r.topic.as_str()));
+                print_dry_run("retry", &rows, &hints, json)?;
+                return Ok(());
+            }
+            // The rows are chosen once, and exactly those are retried: nothing dead-lettered
+            // after the confirmation is retried with them.
+            let ids = sql::select_ids(&mut conn, &filter, limit).await?;
+            if ids.is_empty() {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "retried": 0, "skipped": 0, "results": [] })
+                    );
+                } else {
+                    print!("{}", render_retry(&[]));
+                }
+                return Ok(());
+            }
+            if filter.is_empty() && !confirm.yes {
+                confirm_all("retry", ids.len())?;
+            }
+            let chosen = DeadFilter {
+                ids,
+                ..DeadFilter::default()
+            };
+            let results = sql::retry(&mut conn, &chosen, None).await?;
             let skipped = results.iter().filter(|r| !r.retried).count();
+            let hints = route_hints(
+                &router,
+                results
+                    .iter()
+                    .filter(|r| r.retried)
+                    .map(|r| r.topic.as_str()),
+            );
             if json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&serde_json::json!({
-                        "retried": results.len() - skipped, "skipped": skipped, "results": results
+                        "retried": results.len() - skipped, "skipped": skipped, "results": results,
+                        "hints": hints
                     }))?
                 );
             } else {
                 print!("{}", render_retry(&results));
+            }
+            for hint in &hints {
+                eprintln!("hint: {hint}");
             }
             if skipped > 0 {
                 anyhow::bail!(
@@ -190,10 +264,15 @@ pub async fn run(pool: &PgPool, command: DeadCommand) -> anyhow::Result<()> {
         DeadCommand::Purge {
             filter,
             limit,
-            yes,
+            confirm,
             json,
         } => {
             let filter = filter.to_filter()?;
+            if confirm.dry_run {
+                let rows = sql::list(&mut conn, &filter, limit).await?;
+                print_dry_run("purge", &rows, &[], json)?;
+                return Ok(());
+            }
             let ids = sql::select_ids(&mut conn, &filter, limit).await?;
             if ids.is_empty() {
                 if json {
@@ -203,7 +282,7 @@ pub async fn run(pool: &PgPool, command: DeadCommand) -> anyhow::Result<()> {
                 }
                 return Ok(());
             }
-            if !yes {
+            if !confirm.yes {
                 confirm_purge(ids.len(), &filter)?;
             }
             let purged = sql::purge_ids(&mut conn, &ids).await?;
@@ -217,12 +296,87 @@ pub async fn run(pool: &PgPool, command: DeadCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--dry-run` of `verb`: the rows it would act on, nothing changed.
+fn print_dry_run(
+    verb: &str,
+    rows: &[DeadSummary],
+    hints: &[String],
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "dry_run": true,
+                format!("would_{verb}"): rows.len(),
+                "dead_letters": rows,
+                "hints": hints,
+            }))?
+        );
+    } else {
+        println!(
+            "dry run: would {verb} {} dead letter(s); nothing changed",
+            rows.len()
+        );
+        if !rows.is_empty() {
+            print!("{}", render_list(rows, rows.len() as i64));
+        }
+        for hint in hints {
+            eprintln!("hint: {hint}");
+        }
+    }
+    Ok(())
+}
+
+/// One sentence per topic among `topics` that no route of this command's configuration
+/// matches: retried, its messages would be dead-lettered again at once ("no route").
+fn route_hints<'a>(
+    router: &crate::routing::Router,
+    topics: impl Iterator<Item = &'a str>,
+) -> Vec<String> {
+    let mut unrouted: BTreeMap<&str, usize> = BTreeMap::new();
+    for topic in topics {
+        if router.route(topic).is_none() {
+            *unrouted.entry(topic).or_default() += 1;
+        }
+    }
+    unrouted
+        .into_iter()
+        .map(|(topic, n)| {
+            format!(
+                "no sink routes topic {topic:?} in the configuration this command loaded, so relays running with it dead-letter these {n} message(s) again at once (\"no route\"): add the topic, or a pattern matching it, to a sink's routes (docs/configuration.md), restart the relays, then retry"
+            )
+        })
+        .collect()
+}
+
+/// For `verb` run without any filter: asks on a terminal; refuses when stdin is not one.
+fn confirm_all(verb: &str, n: usize) -> anyhow::Result<()> {
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        return Err(crate::Error::Usage(format!(
+            "refusing to {verb} all {n} dead letter(s) without confirmation: no ids or filter were given and stdin is not a terminal; pass --yes to {verb} them all, or choose some with ids, --topic, --key, --id-from/--id-to or --older-than/--newer-than (--dry-run shows which)"
+        ))
+        .into());
+    }
+    eprint!("No ids or filter given: this will {verb} ALL {n} dead letter(s). Type {n} or 'yes' to confirm: ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    stdin.lock().read_line(&mut answer)?;
+    let answer = answer.trim();
+    if answer == n.to_string() || answer.eq_ignore_ascii_case("yes") {
+        Ok(())
+    } else {
+        anyhow::bail!("not confirmed (got {answer:?}); nothing done")
+    }
+}
+
 /// Asks on the terminal; refuses when stdin is not a terminal (scripts must pass --yes).
 fn confirm_purge(n: usize, filter: &DeadFilter) -> anyhow::Result<()> {
     let stdin = std::io::stdin();
     if !stdin.is_terminal() {
         return Err(crate::Error::Usage(format!(
-            "refusing to purge {n} dead letter(s) without confirmation: stdin is not a terminal, so pass --yes"
+            "refusing to purge {n} dead letter(s) without confirmation: stdin is not a terminal, so pass --yes (--dry-run shows which)"
         ))
         .into());
     }
@@ -272,17 +426,25 @@ pub fn render_list(rows: &[DeadSummary], total: i64) -> String {
         return out;
     }
     let tw = rows.iter().map(|r| r.topic.len()).max().unwrap_or(5).max(5);
+    let key = |r: &DeadSummary| one_line(r.key.as_deref().unwrap_or("-"), 40);
+    let kw = rows
+        .iter()
+        .map(|r| key(r).chars().count())
+        .max()
+        .unwrap_or(3)
+        .max(3);
     let _ = writeln!(
         out,
-        "{:>12}  {:<tw$}  {:>8}  {:>8}  LAST ERROR",
-        "ID", "TOPIC", "ATTEMPTS", "DEAD FOR"
+        "{:>12}  {:<tw$}  {:<kw$}  {:>8}  {:>8}  LAST ERROR",
+        "ID", "TOPIC", "KEY", "ATTEMPTS", "DEAD FOR"
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "{:>12}  {:<tw$}  {:>8}  {:>8}  {}",
+            "{:>12}  {:<tw$}  {:<kw$}  {:>8}  {:>8}  {}",
             r.id,
             r.topic,
+            key(r),
             r.attempts,
             ago(r.dead_at),
             one_line(&r.last_error, 100)

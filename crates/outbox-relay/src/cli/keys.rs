@@ -2,8 +2,10 @@
 //!
 //! - `list`: held-back keys (their oldest message failed and waits for its next attempt) and
 //!   parked keys (`ordering.on_dead = "park"`: a dead letter parked them).
-//! - `release <key>`: unparks the key; its dead letter stays in `outbox.dead_letters` (see
-//!   `outbox-relay dead`), the key's later messages flow again.
+//! - `release <key>... [--topic <topic>]...`: unparks the named keys, or every key parked for
+//!   the topics, or the named keys only if parked for the topics (the parked list is keyed by
+//!   key and shows its topic); the dead letters stay in `outbox.dead_letters` (see
+//!   `outbox-relay dead`), the keys' later messages flow again.
 //! - `skip <key>`: gives up on what blocks the key: if its oldest message waits for a retry,
 //!   that message is dead-lettered now ("skipped by an operator"); a parked key is unparked.
 
@@ -23,10 +25,23 @@ pub enum KeysCommand {
         #[arg(long, default_value_t = 100)]
         limit: i64,
     },
-    /// Unpark a key: its later messages flow again; its dead letter stays.
+    /// Unpark keys: their later messages flow again; their dead letters stay. Name the keys,
+    /// or give --topic to release every key parked for that topic (the TOPIC column of
+    /// `keys list`), or both to release the named keys only if parked for that topic.
+    #[command(group(clap::ArgGroup::new("which").required(true).multiple(true).args(["keys", "topic"])))]
     Release {
-        /// The key, exactly as enqueued.
-        key: String,
+        /// The keys, exactly as enqueued (the KEY column of `keys list`).
+        #[arg(value_name = "KEY")]
+        keys: Vec<String>,
+        /// Only keys parked for this topic; repeat for several.
+        #[arg(long, value_name = "TOPIC")]
+        topic: Vec<String>,
+        /// Print the keys that would be released and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Dead-letter the key's failing oldest message now (if it waits for a retry) and unpark it.
     Skip {
@@ -106,16 +121,12 @@ pub async fn run(pool: &PgPool, command: KeysCommand) -> anyhow::Result<()> {
                 print!("{}", render_table(&s));
             }
         }
-        KeysCommand::Release { key } => {
-            let mut conn = pool.acquire().await?;
-            if sql::release(&mut conn, &key).await? {
-                println!("key {key:?} released: its later messages flow again (its dead letter stays; see `outbox-relay dead`)");
-            } else {
-                anyhow::bail!(
-                    "key {key:?} is not parked: `outbox-relay keys list` shows the parked keys"
-                );
-            }
-        }
+        KeysCommand::Release {
+            keys,
+            topic,
+            dry_run,
+            json,
+        } => release(pool, &keys, &topic, dry_run, json).await?,
         KeysCommand::Skip { key } => {
             let mut conn = pool.acquire().await?;
             let s = sql::skip(&mut conn, &key).await?;
@@ -127,6 +138,95 @@ pub async fn run(pool: &PgPool, command: KeysCommand) -> anyhow::Result<()> {
             }
             println!("key {key:?}: its later messages flow again");
         }
+    }
+    Ok(())
+}
+
+/// `keys release`: the parked keys among `keys` (all, when none is named) parked for one of
+/// `topics` (any, when none is given). A named key that is not released is an error naming
+/// why: not parked, or parked for another topic. The others are released all the same.
+async fn release(
+    pool: &PgPool,
+    keys: &[String],
+    topics: &[String],
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut conn = pool.acquire().await?;
+    let matching = sql::parked_matching(&mut conn, keys, topics).await?;
+    let mut problems = Vec::new();
+    for key in keys {
+        if matching.iter().any(|p| &p.key == key) {
+            continue;
+        }
+        let elsewhere = sql::parked_matching(&mut conn, std::slice::from_ref(key), &[]).await?;
+        problems.push(match elsewhere.first() {
+            Some(p) => format!(
+                "key {key:?} is parked for topic {:?}, not {}: `outbox-relay keys release {key} --topic {}` releases it",
+                p.topic,
+                topics
+                    .iter()
+                    .map(|t| format!("{t:?}"))
+                    .collect::<Vec<_>>()
+                    .join(" or "),
+                p.topic
+            ),
+            None => format!(
+                "key {key:?} is not parked: `outbox-relay keys list` shows the parked keys"
+            ),
+        });
+    }
+    if keys.is_empty() && matching.is_empty() {
+        problems.push(format!(
+            "no key is parked for topic {}: `outbox-relay keys list` shows the parked keys",
+            topics
+                .iter()
+                .map(|t| format!("{t:?}"))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        ));
+    }
+    let released = if dry_run {
+        Vec::new()
+    } else {
+        let names: Vec<String> = matching.iter().map(|p| p.key.clone()).collect();
+        sql::release_keys(&mut conn, &names).await?
+    };
+    // Released, or (dry run) would be: those still parked a moment ago.
+    let acted: Vec<&sql::ParkedKey> = matching
+        .iter()
+        .filter(|p| dry_run || released.contains(&p.key))
+        .collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "dry_run": dry_run,
+                if dry_run { "would_release" } else { "released" }: acted,
+                "errors": problems,
+            }))?
+        );
+    } else {
+        for p in &acted {
+            let verb = if dry_run {
+                "would be released"
+            } else {
+                "released"
+            };
+            println!(
+                "key {:?} (topic {}) {verb}: its {} waiting message(s) flow again; its dead letter {} stays (`outbox-relay dead show {}`)",
+                p.key, p.topic, p.waiting, p.dead_id, p.dead_id
+            );
+        }
+        if dry_run {
+            println!(
+                "dry run: {} key(s) would be released; nothing changed",
+                acted.len()
+            );
+        }
+    }
+    if !problems.is_empty() {
+        anyhow::bail!("{}", problems.join("\n"));
     }
     Ok(())
 }

@@ -152,7 +152,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Dead { command } => {
             let pool = connect_once(&config).await?;
             crate::store::check_schema(&pool).await?;
-            dead::run(&pool, command).await
+            dead::run(&pool, command, &config).await
         }
         Command::Keys { command } => {
             let pool = connect_once(&config).await?;

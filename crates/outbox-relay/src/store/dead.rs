@@ -1,7 +1,8 @@
 //! The dead-letter statements behind `outbox-relay dead list|show|retry|purge`.
 //!
-//! Every statement takes the same [`DeadFilter`] (topics, age since `dead_at`, id range), bound
-//! as parameters $1..$5 of [`FILTER_SQL`], so list, retry and purge select exactly the same rows.
+//! Every statement takes the same [`DeadFilter`] (ids, id range, topics, keys, age since
+//! `dead_at`), bound as parameters $1..$7 of [`FILTER_SQL`], so list, retry and purge (and their
+//! dry runs) select exactly the same rows.
 //! `retry` moves rows back into `outbox.messages` with their original id (`OVERRIDING SYSTEM
 //! VALUE`), so they keep their position in the id order; a row whose message id is waiting
 //! again (a new row enqueued with the same idempotency key) is left in `outbox.dead_letters`
@@ -26,6 +27,10 @@ pub struct DeadFilter {
     pub id_from: Option<i64>,
     /// Highest id (inclusive).
     pub id_to: Option<i64>,
+    /// Exactly these ids; empty = any id.
+    pub ids: Vec<i64>,
+    /// Exact ordering keys; empty = any key (or none).
+    pub keys: Vec<String>,
 }
 
 impl DeadFilter {
@@ -42,16 +47,21 @@ impl DeadFilter {
             .bind(self.newer_than.map(|d| d.as_millis() as i64))
             .bind(self.id_from)
             .bind(self.id_to)
+            .bind(&self.ids)
+            .bind(&self.keys)
     }
 }
 
-/// The filter as SQL over `outbox.dead_letters` (alias `d`), parameters $1..$5.
+/// The filter as SQL over `outbox.dead_letters` (alias `d`), parameters $1..$7; the statements
+/// bind their limit as $8.
 const FILTER_SQL: &str = "
     (cardinality($1::text[]) = 0 OR d.topic = ANY($1::text[]))
 AND ($2::bigint IS NULL OR d.dead_at <= now() - $2::bigint * interval '1 millisecond')
 AND ($3::bigint IS NULL OR d.dead_at >= now() - $3::bigint * interval '1 millisecond')
 AND ($4::bigint IS NULL OR d.id >= $4::bigint)
-AND ($5::bigint IS NULL OR d.id <= $5::bigint)";
+AND ($5::bigint IS NULL OR d.id <= $5::bigint)
+AND (cardinality($6::bigint[]) = 0 OR d.id = ANY($6::bigint[]))
+AND (cardinality($7::text[]) = 0 OR d.key = ANY($7::text[]))";
 
 /// One line of `dead list`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -90,11 +100,11 @@ pub async fn count(conn: &mut PgConnection, filter: &DeadFilter) -> Result<i64, 
     row.try_get(0)
 }
 
-/// Matching dead letters in id order, at most `limit`.
+/// Matching dead letters in id order, at most `limit` (all without one).
 pub async fn list(
     conn: &mut PgConnection,
     filter: &DeadFilter,
-    limit: i64,
+    limit: Option<i64>,
 ) -> Result<Vec<DeadSummary>, sqlx::Error> {
     let sql = format!(
         "SELECT d.id, d.message_id, d.topic, d.key, d.attempts, length(d.payload)::bigint AS payload_bytes,
@@ -102,7 +112,7 @@ pub async fn list(
            FROM outbox.dead_letters d
           WHERE {FILTER_SQL}
           ORDER BY d.id
-          LIMIT $6"
+          LIMIT $8"
     );
     let rows = filter
         .bind(sqlx::query(&sql))
@@ -157,6 +167,9 @@ pub struct RetryResult {
     pub id: i64,
     pub message_id: String,
     pub topic: String,
+    pub key: Option<String>,
+    /// The error that dead-lettered it.
+    pub last_error: String,
     /// Moved back into `outbox.messages` (attempts 0, available now).
     pub retried: bool,
     /// When not retried: the waiting row that already has this message id, if one was seen.
@@ -177,7 +190,7 @@ pub async fn retry(
 ) -> Result<Vec<RetryResult>, sqlx::Error> {
     let sql = format!(
         "WITH sel AS (
-            SELECT * FROM outbox.dead_letters d WHERE {FILTER_SQL} ORDER BY d.id LIMIT $6 FOR UPDATE
+            SELECT * FROM outbox.dead_letters d WHERE {FILTER_SQL} ORDER BY d.id LIMIT $8 FOR UPDATE
          ), ins AS (
             INSERT INTO outbox.messages
                    (id, message_id, topic, key, payload, headers, created_at, available_at, attempts, last_error, errors)
@@ -193,7 +206,7 @@ pub async fn retry(
          ), unpark AS (
             DELETE FROM outbox.parked_keys p USING del WHERE p.dead_id = del.id
          )
-         SELECT sel.id, sel.message_id, sel.topic, del.id IS NOT NULL AS retried,
+         SELECT sel.id, sel.message_id, sel.topic, sel.key, sel.last_error, del.id IS NOT NULL AS retried,
                 (SELECT m.id FROM outbox.messages m WHERE m.message_id = sel.message_id) AS conflicting_id
            FROM sel LEFT JOIN del ON del.id = sel.id
           ORDER BY sel.id"
@@ -210,6 +223,8 @@ pub async fn retry(
                 id: r.try_get("id")?,
                 message_id: r.try_get("message_id")?,
                 topic: r.try_get("topic")?,
+                key: r.try_get("key")?,
+                last_error: r.try_get("last_error")?,
                 retried,
                 conflicting_id: if retried {
                     None
@@ -228,7 +243,7 @@ pub async fn select_ids(
     limit: Option<i64>,
 ) -> Result<Vec<i64>, sqlx::Error> {
     let sql =
-        format!("SELECT d.id FROM outbox.dead_letters d WHERE {FILTER_SQL} ORDER BY d.id LIMIT $6");
+        format!("SELECT d.id FROM outbox.dead_letters d WHERE {FILTER_SQL} ORDER BY d.id LIMIT $8");
     let rows = filter
         .bind(sqlx::query(&sql))
         .bind(limit)

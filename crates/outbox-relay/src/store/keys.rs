@@ -1,5 +1,6 @@
 //! Keys held back and parked (docs/ordering.md): what `status` and `outbox-relay keys list`
-//! show, the gauges, and the operator actions `keys release` and `keys skip`.
+//! show, the gauges, and the operator actions `keys release` (by key, by topic, or both) and
+//! `keys skip`.
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row};
@@ -106,6 +107,51 @@ pub async fn key_counts(
         .fetch_all(&mut *conn)
         .await?;
     Ok((held, parked))
+}
+
+/// Parked keys that are among `keys` (empty: any key) and parked for one of `topics` (empty:
+/// any topic), in the order of `parked_keys`.
+pub async fn parked_matching(
+    conn: &mut PgConnection,
+    keys: &[String],
+    topics: &[String],
+) -> Result<Vec<ParkedKey>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT p.key, p.topic, p.dead_id, p.message_id, p.reason, p.parked_at,
+                (SELECT count(*) FROM outbox.messages w WHERE w.key = p.key) AS waiting
+           FROM outbox.parked_keys p
+          WHERE (cardinality($1::text[]) = 0 OR p.key = ANY($1::text[]))
+            AND (cardinality($2::text[]) = 0 OR p.topic = ANY($2::text[]))
+          ORDER BY p.parked_at, p.key",
+    )
+    .bind(keys)
+    .bind(topics)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(ParkedKey {
+                key: r.try_get("key")?,
+                topic: r.try_get("topic")?,
+                dead_id: r.try_get("dead_id")?,
+                message_id: r.try_get("message_id")?,
+                reason: r.try_get("reason")?,
+                parked_at: r.try_get("parked_at")?,
+                waiting: r.try_get("waiting")?,
+            })
+        })
+        .collect()
+}
+
+/// Unparks exactly these keys (their dead letters stay); returns the keys that were parked.
+pub async fn release_keys(
+    conn: &mut PgConnection,
+    keys: &[String],
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar("DELETE FROM outbox.parked_keys WHERE key = ANY($1) RETURNING key")
+        .bind(keys)
+        .fetch_all(conn)
+        .await
 }
 
 /// Unparks `key`; the dead letter stays. Returns false when the key was not parked.
