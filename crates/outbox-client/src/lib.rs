@@ -5,6 +5,8 @@
 //! process publishes them to NATS, RabbitMQ or Kafka once the transaction has committed. A
 //! rolled-back transaction leaves no row, so nothing is published for it.
 //!
+//! A complete program, which creates its own table: `examples/enqueue.rs`.
+//!
 //! ```no_run
 //! use outbox_client::{enqueue, Message};
 //! use serde::Serialize;
@@ -45,6 +47,10 @@
 //!   application retry never publishes twice. A batch whose ids are all generated here skips
 //!   those checks (a fresh UUIDv7 cannot exist yet), so it costs what a plain INSERT costs.
 //! - [`enqueue_many`] writes any number of messages in one round trip, in order.
+//! - A message id whose existing row the relay deletes in the instant between the INSERT and the
+//!   lookup is written again; should that happen on every attempt, the error is
+//!   [`Error::ConflictVanished`], and retrying the transaction is the fix
+//!   ([`Error::is_retriable`]).
 //! - The payload is published byte for byte; headers are carried as broker headers.
 
 use std::collections::BTreeMap;
@@ -60,6 +66,7 @@ pub const MAX_TOPIC_LEN: usize = 249;
 
 /// Errors from enqueueing.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The message is not valid; the text says which field and how to fix it.
     #[error("invalid outbox message: {0}")]
@@ -67,9 +74,35 @@ pub enum Error {
     /// The payload could not be serialized to JSON.
     #[error("could not serialize the payload to JSON: {0}")]
     Serialize(#[from] serde_json::Error),
+    /// A message id conflicted with an existing row that was gone by the time it was read, in
+    /// every one of the enqueue's attempts: the relay published (and deleted) or dead-lettered
+    /// that row in the instant between the INSERT and the lookup. Nothing is wrong with the
+    /// message; retry the transaction, and the message is then written anew or found.
+    #[error(
+        "message id {message_id:?} conflicted with a row that was gone before it could be read \
+         ({ENQUEUE_ROUNDS} times); retry the transaction"
+    )]
+    ConflictVanished {
+        /// The message id whose row vanished.
+        message_id: String,
+    },
     /// The database refused the statement or could not be reached.
     #[error("database error while enqueueing: {0}")]
     Database(#[from] sqlx::Error),
+}
+
+impl Error {
+    /// True when retrying the whole transaction may succeed: a vanished conflict, or a
+    /// database error of the kind PostgreSQL asks to retry (serialization failure, deadlock).
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            Error::ConflictVanished { .. } => true,
+            Error::Database(sqlx::Error::Database(e)) => {
+                matches!(e.code().as_deref(), Some("40001" | "40P01"))
+            }
+            _ => false,
+        }
+    }
 }
 
 /// One message to enqueue. Build it with [`Message::json`] or [`Message::bytes`].
@@ -127,6 +160,12 @@ impl Message {
     }
 
     /// The topic (logical destination).
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The topic; the same as [`Message::topic`].
+    #[deprecated(note = "use Message::topic")]
     pub fn topic_name(&self) -> &str {
         &self.topic
     }
@@ -139,6 +178,22 @@ impl Message {
     /// The headers.
     pub fn headers(&self) -> &BTreeMap<String, String> {
         &self.headers
+    }
+
+    /// The ordering key, if set. (`key` is the builder method that sets it.)
+    pub fn get_key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
+    /// The message id the application set; `None` means a UUIDv7 is generated at enqueue.
+    /// (`message_id` is the builder method that sets it.)
+    pub fn get_message_id(&self) -> Option<&str> {
+        self.message_id.as_deref()
+    }
+
+    /// The delivery delay, if set. (`available_at` is the builder method that sets it.)
+    pub fn get_available_at(&self) -> Option<DateTime<Utc>> {
+        self.available_at
     }
 
     fn validate(&self) -> Result<(), Error> {
@@ -211,7 +266,8 @@ SELECT i.message_id, i.topic, i.key, i.payload, i.headers, coalesce(i.available_
 RETURNING id, message_id
 "#;
 
-/// How many times a message id whose conflicting row vanished before the lookup is retried.
+/// How many times a message id whose conflicting row vanished before the lookup is tried;
+/// after that, [`Error::ConflictVanished`].
 const ENQUEUE_ROUNDS: usize = 4;
 
 /// Only when some message ids existed already: their rows, waiting or sent.
@@ -308,11 +364,9 @@ pub async fn enqueue_many(
     all_ids
         .into_iter()
         .map(|message_id| {
-            let &(id, inserted) = rows.get(&message_id).ok_or_else(|| {
-                Error::Invalid(format!(
-                    "message id {message_id:?} conflicted with a row that is gone already; retry the transaction"
-                ))
-            })?;
+            let Some(&(id, inserted)) = rows.get(&message_id) else {
+                return Err(Error::ConflictVanished { message_id });
+            };
             let first_copy = seen.insert(message_id.clone());
             Ok(Enqueued {
                 id,
@@ -335,6 +389,41 @@ mod tests {
             m.headers().get("content-type").map(String::as_str),
             Some("application/json")
         );
+    }
+
+    #[test]
+    fn getters_return_what_the_builder_set() {
+        let at = Utc::now();
+        let m = Message::bytes("t", b"p".to_vec())
+            .key("k")
+            .header("h", "v")
+            .message_id("m")
+            .available_at(at);
+        assert_eq!(m.topic(), "t");
+        assert_eq!(m.payload(), b"p");
+        assert_eq!(m.headers().get("h").map(String::as_str), Some("v"));
+        assert_eq!(m.get_key(), Some("k"));
+        assert_eq!(m.get_message_id(), Some("m"));
+        assert_eq!(m.get_available_at(), Some(at));
+        let bare = Message::bytes("t", Vec::new());
+        assert_eq!(
+            (
+                bare.get_key(),
+                bare.get_message_id(),
+                bare.get_available_at()
+            ),
+            (None, None, None)
+        );
+    }
+
+    #[test]
+    fn a_vanished_conflict_is_retriable_and_says_so() {
+        let e = Error::ConflictVanished {
+            message_id: "m-1".into(),
+        };
+        assert!(e.is_retriable());
+        assert!(e.to_string().contains("retry the transaction"), "{e}");
+        assert!(!Error::Invalid("x".into()).is_retriable());
     }
 
     #[test]
