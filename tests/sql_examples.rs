@@ -23,11 +23,14 @@ type Row = (
     Option<String>,
     String,
     serde_json::Value,
-    Option<String>,
+    ContentType,
 );
+type ContentType = Option<String>;
+/// [`Row`] with the payload as stored.
+type RawRow = (String, Option<String>, String, Vec<u8>, ContentType);
 
 async fn rows(db: &TestDb) -> Vec<Row> {
-    let rows: Vec<(String, Option<String>, String, Vec<u8>, Option<String>)> = sqlx::query_as(
+    let rows: Vec<RawRow> = sqlx::query_as(
         "SELECT topic, key, message_id, payload, headers->>'content-type' FROM outbox.messages
           WHERE topic <> 'order.audit' ORDER BY id",
     )
