@@ -2,7 +2,8 @@
 //!
 //! A relay (the real binary, /metrics on a free port) publishes a steady load to NATS: normal
 //! topics, a topic whose subject no stream captures (retriable errors → retries → dead letters),
-//! a topic with no route (permanent errors → dead letters) and delayed rows (lag that stays).
+//! a topic with no route (permanent errors → dead letters), delayed rows (lag that stays), a
+//! held-back key and a parked key (the ordering panels).
 //! A Prometheus server on a free port scrapes it every second with deploy/prometheus/alerts.yml
 //! loaded. Then every query of every dashboard panel and every alert expression is evaluated
 //! through Prometheus's HTTP API: any error fails at once, and each must return series before
@@ -115,6 +116,22 @@ async fn dashboard_and_alert_queries_return_series_from_a_real_prometheus() {
     enqueue_many(&mut db.pool.acquire().await.unwrap(), &delayed)
         .await
         .unwrap();
+    // A key held back by a retry (its head row failed once and waits an hour) and a parked
+    // key, so that the ordering panels have series. Both are what the relay itself writes.
+    sqlx::query(
+        "INSERT INTO outbox.messages (topic, key, payload, attempts, available_at)
+         VALUES ('obs.delayed', 'held-key', 'x', 1, now() + interval '1 hour')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO outbox.parked_keys (key, topic, dead_id, message_id, reason)
+         VALUES ('parked-key', 'obs.delayed', 0, 'parked-message', 'parked by the test')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let loader = tokio::spawn(load(db.pool.clone(), Arc::clone(&stop)));
 
@@ -156,10 +173,13 @@ async fn dashboard_and_alert_queries_return_series_from_a_real_prometheus() {
             )
         })
         .collect();
-    assert_eq!(alerts.len(), 6, "alerts.yml has 6 rules: {alerts:?}");
+    assert_eq!(alerts.len(), 7, "alerts.yml has 7 rules: {alerts:?}");
 
+    // The relay variable set to All, as dashboard_queries sets the topic variable.
     let dashboard: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(deploy("grafana/dashboards/outbox-relay.json")).unwrap(),
+        &std::fs::read_to_string(deploy("grafana/dashboards/outbox-relay.json"))
+            .unwrap()
+            .replace("$instance", ".*"),
     )
     .unwrap();
     let mut must_have_series: Vec<(String, String)> = dashboard_queries(&dashboard, "15s")
@@ -180,10 +200,14 @@ async fn dashboard_and_alert_queries_return_series_from_a_real_prometheus() {
                 .map(|p| (format!("alert {name} (without threshold)"), p)),
         );
     }
-    // The dashboard's variable query.
+    // The dashboard's variable queries.
     must_have_series.push((
         "variable topic".into(),
         "group by (topic) (outbox_pending_messages)".into(),
+    ));
+    must_have_series.push((
+        "variable instance".into(),
+        "group by (instance) (up{job=\"outbox-relay\"})".into(),
     ));
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);

@@ -93,6 +93,9 @@ impl Member {
         let mut last: Option<(i64, usize)> = None;
         let mut failing = false;
         let mut last_eligible = true;
+        // When the slots of the last successful heartbeat lapse: from then on the claims use
+        // none of them, and `outbox_partitions_owned` must say so while heartbeats fail.
+        let mut lease_until: Option<Instant> = None;
         tracing::info!(relay_id = %id.relay_id, hostname = %id.hostname, "relay heartbeat started");
         loop {
             tokio::select! {
@@ -141,10 +144,17 @@ impl Member {
                             .ordering
                             .partitions_owned
                             .set(beat.owned.len() as i64);
+                        lease_until = Some(started + self.config.lease());
                         if slots.set(beat.owned, started + self.config.lease()) {
                             ctx.wakeup.bump();
                         }
                     }
+                }
+                Err(_) if lease_until.is_some_and(|t| Instant::now() >= t) => {
+                    lease_until = None;
+                    ctx.metrics.ordering.partitions_owned.set(0);
+                    tracing::warn!(relay_id = %id.relay_id,
+                        "relay heartbeat still failing: this relay's ordering slot leases have lapsed");
                 }
                 Err(e) if !failing => {
                     failing = true;

@@ -1,6 +1,8 @@
 //! The relay's Prometheus metrics. Every name starts with `outbox_`, uses base units and
 //! low-cardinality labels (topic, sink, outcome, error type; never ids or error text), and is
-//! updated once per batch. The catalogue with meanings and alerts is docs/metrics.md.
+//! updated once per batch. The registry also carries `outbox_build_info` and, on Linux, the
+//! standard `process_*` metrics (CPU, memory, file descriptors, start time). The catalogue with
+//! meanings and alerts is docs/metrics.md.
 
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
@@ -180,6 +182,9 @@ impl Metrics {
             Box::new(m.unmarked_published_total.clone()),
             Box::new(m.lag_query_duration_seconds.clone()),
             Box::new(m.relay_instances.clone()),
+            Box::new(m.build_info.clone()),
+            #[cfg(target_os = "linux")]
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
         let mut names = Vec::new();
         for c in collectors {
@@ -187,6 +192,9 @@ impl Metrics {
             r.register(c).expect("metric names are unique");
         }
         m.names = names;
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         m
     }
 
