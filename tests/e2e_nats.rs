@@ -364,6 +364,100 @@ async fn deleted_stream_is_recreated_and_delivery_resumes() {
     consumer.delete_stream().await;
 }
 
+/// docs/sinks/nats.md ("Stream limits"): a stream the relay creates gets the configured
+/// `max_age_secs`, `max_bytes` and `max_msgs`; an existing stream is used as it is, and the
+/// relay's log says where its limits differ from the configured ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn created_streams_get_the_configured_limits_and_existing_ones_are_left_alone() {
+    let db = TestDb::new().await;
+    let (old_stream, old_prefix) = (unique("OLD"), unique("o"));
+    let (new_stream, new_prefix) = (unique("NEW"), unique("n"));
+    // Created before the relay starts, without limits.
+    let existing = NatsConsumer::new(&nats_url(), &old_stream, &[format!("{old_prefix}.>")]).await;
+    let _created = DeleteStreamOnDrop {
+        url: nats_url(),
+        stream: new_stream.clone(),
+    };
+    for topic in ["old.t", "new.t"] {
+        enqueue(
+            &mut db.pool.acquire().await.unwrap(),
+            &Message::bytes(topic, b"x".to_vec()),
+        )
+        .await
+        .unwrap();
+    }
+    let config = format!(
+        r#"
+[database]
+url = "{db}"
+
+[http]
+listen = ""
+
+[sinks.old]
+kind = "nats"
+url = "{nats}"
+stream = {{ name = "{old_stream}", subjects = ["{old_prefix}.>"], create = true, storage = "memory" }}
+routes = [{{ topics = ["old.*"], subject = "{old_prefix}.{{topic}}" }}]
+
+[sinks.new]
+kind = "nats"
+url = "{nats}"
+stream = {{ name = "{new_stream}", subjects = ["{new_prefix}.>"], create = true, storage = "memory", max_age_secs = 3600, max_bytes = 1048576, max_msgs = 1000 }}
+routes = [{{ topics = ["new.*"], subject = "{new_prefix}.{{topic}}" }}]
+"#,
+        db = db.url,
+        nats = nats_url(),
+    );
+    let relay = RelayProcess::start(&config);
+    wait_until(Duration::from_secs(30), "both messages relayed", || async {
+        db.waiting().await == 0
+    })
+    .await;
+
+    let js = async_nats::jetstream::new(async_nats::connect(nats_url()).await.unwrap());
+    let created = js
+        .get_stream(&new_stream)
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    assert_eq!(created.max_age, Duration::from_secs(3600));
+    assert_eq!(created.max_bytes, 1_048_576);
+    assert_eq!(created.max_messages, 1000);
+    let untouched = js
+        .get_stream(&old_stream)
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    assert_eq!(untouched.max_age, Duration::ZERO);
+    assert_eq!(untouched.max_bytes, -1);
+    assert_eq!(untouched.max_messages, -1);
+    assert_eq!(existing.stored().await, 1);
+
+    let stderr = relay.stderr();
+    let noted: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("has other limits than configured"))
+        .collect();
+    assert_eq!(noted.len(), 1, "reported once:\n{stderr}");
+    assert!(
+        noted[0].contains(&old_stream)
+            && noted[0].contains("max_age_secs: none (configured 604800)")
+            && noted[0].contains("max_bytes: none (configured 1073741824)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("created the JetStream stream") && l.contains(&new_stream)),
+        "{stderr}"
+    );
+}
+
 /// guarantees.md ("Crash safety", the price of the transaction): an ordered batch publishes one
 /// message per key per round with no statement in between, so a hot key (thousands of rows in
 /// one batch) could outlast `claim_timeout_secs`, have its claim aborted and be republished for

@@ -114,8 +114,10 @@ async fn permanent_failures_dead_letter_at_once_and_retriable_ones_back_off_then
     .unwrap();
     assert!((1..3).contains(&attempts), "attempts {attempts}");
     assert!(
-        last_error.contains("no JetStream stream captures this subject"),
-        "{last_error}"
+        last_error.contains(&format!(
+            "no JetStream stream captures this subject (\"nostream_{prefix}.lost.a\")"
+        )),
+        "the error names the subject: {last_error}"
     );
     assert!(
         delayed,
@@ -270,4 +272,84 @@ async fn permanent_failures_dead_letter_at_once_and_retriable_ones_back_off_then
     let ids: BTreeSet<String> = got.iter().map(|(id, _)| id.clone()).collect();
     assert_eq!(got.len(), 100, "relay stderr:\n{}", relay.stderr());
     assert_eq!(ids, good);
+}
+
+/// guarantees.md ("Per-message failures"), NATS: a topic that renders a subject NATS cannot
+/// deliver (whitespace, an empty token, a wildcard) and a header without a name can never be
+/// published: each row is dead-lettered at its first attempt with an error that names the
+/// subject or header, and nothing of it reaches the stream. The retry delay is an hour, so a
+/// row treated as retriable would still be waiting when the test gives up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subjects_nats_cannot_deliver_and_nameless_headers_are_dead_lettered_at_once() {
+    let db = TestDb::new().await;
+    let (stream, prefix) = (unique("S"), unique("t"));
+    let consumer = NatsConsumer::new(&nats_url(), &stream, &[format!("{prefix}.>")]).await;
+    // (topic, what the error must say besides the subject)
+    let bad = [
+        ("n.sp ace", "whitespace"),
+        ("n.end.", "empty token"),
+        ("n.a..b", "empty token"),
+        ("n.star.*", "wildcard"),
+        ("n.gt.>", "wildcard"),
+        ("n.mid*dle", "wildcard"),
+    ];
+    let mut messages: Vec<Message> = bad
+        .iter()
+        .map(|(topic, _)| Message::bytes(*topic, b"x".to_vec()))
+        .collect();
+    messages.push(Message::bytes("n.ok", b"good".to_vec()).message_id("good-1"));
+    enqueue_many(&mut db.pool.acquire().await.unwrap(), &messages)
+        .await
+        .unwrap();
+    // Through the SQL function, as a service in another language would (the client crate
+    // refuses a nameless header itself).
+    sqlx::query(r#"SELECT * FROM outbox.enqueue('h.nameless', 'x', NULL, '{"": "v"}', NULL)"#)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let relay = RelayProcess::start(&nats_config(
+        &db.url,
+        &nats_url(),
+        &stream,
+        &prefix,
+        "max_attempts = 5\nretry_initial_ms = 3600000\nretry_max_secs = 3600",
+    ));
+    wait_until(
+        Duration::from_secs(30),
+        "every row delivered or dead-lettered",
+        || async { db.waiting().await == 0 },
+    )
+    .await;
+
+    for (topic, why) in bad {
+        let d = dead(&db, topic)
+            .await
+            .unwrap_or_else(|| panic!("{topic:?} is dead-lettered"));
+        assert_eq!(d.attempts, 1, "{topic:?}: at the first attempt");
+        let subject = format!("{prefix}.{topic}");
+        assert!(
+            d.last_error.contains(&format!("subject {subject:?}"))
+                && d.last_error.contains("is not a valid NATS subject")
+                && d.last_error.contains(why),
+            "{topic:?}: {}",
+            d.last_error
+        );
+    }
+    let d = dead(&db, "h.nameless")
+        .await
+        .expect("h.nameless is dead-lettered");
+    assert_eq!(d.attempts, 1);
+    assert!(
+        d.last_error
+            .contains(r#"header name "" is not valid for NATS"#),
+        "{}",
+        d.last_error
+    );
+    assert_eq!(
+        consumer.stored().await,
+        1,
+        "only the good message reached the stream; relay stderr:\n{}",
+        relay.stderr()
+    );
 }

@@ -1,5 +1,9 @@
 //! The relay's HTTP server: `/metrics` after real traffic, `/healthz`, and `/readyz` following
-//! the broker (a `nats-server` the test owns, stopped and started again).
+//! the broker (a `nats-server` the test owns, stopped and started again); a relay whose NATS
+//! cannot be used from the start (nothing listens on its port, or the server refuses the
+//! relay's password) still serves `/healthz`, `/readyz` (503, naming the server and the cause),
+//! its heartbeat and `status`, and its log says what is wrong once per change of state, with the
+//! (redacted) URL, instead of once per reconnection attempt.
 
 mod support;
 
@@ -242,4 +246,233 @@ async fn readiness_is_served_while_the_database_is_unreachable_at_start() {
         autovacuum == "off",
         "autovacuum = {autovacuum}; relay stderr:\n{stderr}"
     );
+}
+
+/// `/readyz` once it answers 503 with `want` in the NATS sink's error; the last body otherwise.
+async fn readyz_sink_error(addr: &str, want: &[&str]) -> serde_json::Value {
+    let last = std::sync::Mutex::new(None);
+    wait_until(
+        Duration::from_secs(60),
+        "/readyz reports the NATS sink down with its reason",
+        || async {
+            let Some((status, body)) = http::get(addr, "/readyz").await else {
+                return false;
+            };
+            let Ok(body) = serde_json::from_str::<serde_json::Value>(&body) else {
+                return false;
+            };
+            let error = body["sinks"][0]["error"].as_str().unwrap_or("").to_string();
+            *last.lock().unwrap() = Some(body);
+            status == 503 && want.iter().all(|w| error.contains(w))
+        },
+    )
+    .await;
+    last.into_inner().unwrap().unwrap()
+}
+
+/// `outbox-relay status --json` on the relay's config file.
+fn status_json(relay: &RelayProcess) -> serde_json::Value {
+    let out = std::process::Command::new(relay_bin())
+        .arg("--config")
+        .arg(relay.dir.path().join("relay.toml"))
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Lines of the relay's log at `level` that contain every one of `parts`.
+fn log_lines(stderr: &str, level: &str, parts: &[&str]) -> usize {
+    stderr
+        .lines()
+        .filter(|l| l.contains(level) && parts.iter().all(|p| l.contains(p)))
+        .count()
+}
+
+/// docs/operations.md: a relay whose broker is unreachable at start is alive (`/healthz` 200,
+/// so a liveness probe does not restart it), not ready (`/readyz` 503 naming the server), and
+/// heartbeats, so `status` shows the sink down with the same reason. Nothing listens on the
+/// NATS port for the whole test, so every answer came before the sink could connect. Its log
+/// names the database and the sink (URL, stream, routes) at start, and says "cannot connect" once
+/// while the connection attempts go on at debug level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_nats_is_unreachable_at_start_serves_health_readiness_and_status() {
+    let db = TestDb::new().await;
+    let closed = free_port();
+    let nats = format!("nats://127.0.0.1:{closed}");
+    let (stream, prefix) = (unique("S"), unique("t"));
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let config = http::with_http(nats_config(&db.url, &nats, &stream, &prefix, ""), port);
+    let relay = RelayProcess::start_with_env(
+        &config,
+        &[("RUST_LOG", "info,outbox_relay::sinks::nats=debug")],
+    );
+
+    http::wait_healthy(&addr, Duration::from_secs(30)).await;
+    let ready = readyz_sink_error(&addr, &[&format!("not connected to NATS at {nats}")]).await;
+    assert_eq!(ready["ready"], false, "{ready}");
+    assert_eq!(ready["database"], true, "{ready}");
+    assert_eq!(ready["sinks"][0]["sink"], "nats", "{ready}");
+    assert_eq!(ready["sinks"][0]["up"], false, "{ready}");
+    assert_eq!(http::get(&addr, "/healthz").await.map(|r| r.0), Some(200));
+
+    // The heartbeat carries the sink's health: `status` shows it down, with the reason.
+    let mut status = serde_json::Value::Null;
+    wait_until(
+        Duration::from_secs(30),
+        "status shows the live relay and its NATS sink down",
+        || {
+            status = status_json(&relay);
+            let s = &status;
+            let ok = s["relays"].as_array().is_some_and(|r| r.len() == 1)
+                && s["sinks"][0]["up"] == false
+                && s["sinks"][0]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains(&nats));
+            async move { ok }
+        },
+    )
+    .await;
+    assert_eq!(status["relays"][0]["pid"], relay.pid(), "{status:#}");
+
+    // Several attempts have failed: each one is a debug line, and only the first a warning.
+    wait_until(
+        Duration::from_secs(30),
+        "three failed connection attempts logged at debug",
+        || {
+            let n = log_lines(
+                &relay.stderr(),
+                "DEBUG",
+                &["NATS connection attempt", &nats],
+            );
+            async move { n >= 3 }
+        },
+    )
+    .await;
+    let stderr = relay.stderr();
+    assert_eq!(
+        log_lines(&stderr, "WARN", &["cannot connect to NATS at", &nats]),
+        1,
+        "one warning while the attempts go on:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("client error"),
+        "the client library's per-attempt lines are filtered out:\n{stderr}"
+    );
+    // Start-up: the sink with its URL, stream and routes; the database; what runs.
+    assert_eq!(
+        log_lines(
+            &stderr,
+            "INFO",
+            &["NATS sink", &nats, &stream, &format!("{prefix}.{{topic}}")]
+        ),
+        1,
+        "{stderr}"
+    );
+    let database = outbox_relay::redact_url(&db.url);
+    assert_eq!(
+        log_lines(
+            &stderr,
+            "INFO",
+            &[
+                "relay running",
+                &format!("database={database}"),
+                "sinks=nats"
+            ]
+        ),
+        1,
+        "{stderr}"
+    );
+}
+
+/// docs/sinks/nats.md: a wrong password is named as such (the server's "authorization
+/// violation", and what to check) with the redacted URL on `/readyz`, in `status` and in the
+/// relay's log, never with the password; with the right one in the URL (percent-encoded where
+/// it has to be), the relay connects and publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_nats_password_is_named_on_readiness_status_and_in_the_log() {
+    let nats = OwnedNats::start_with_user("relay", "p@ss:word").await;
+    let db = TestDb::new().await;
+    let wrong = unique("wrong");
+    let (stream, prefix) = (unique("S"), unique("t"));
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let config = http::with_http(
+        nats_config(&db.url, &nats.url_as("relay", &wrong), &stream, &prefix, ""),
+        port,
+    );
+    let relay = RelayProcess::start(&config);
+    let redacted = format!("nats://relay:***@127.0.0.1:{}", nats.port);
+
+    let ready = readyz_sink_error(&addr, &["authorization violation", &redacted]).await;
+    let error = ready["sinks"][0]["error"].as_str().unwrap();
+    assert!(error.contains("check the user and password"), "{error}");
+    assert!(!ready.to_string().contains(&wrong), "{ready}");
+
+    wait_until(
+        Duration::from_secs(30),
+        "status names the authorization failure",
+        || {
+            let status = status_json(&relay);
+            let ok = status["sinks"][0]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("authorization violation") && e.contains(&redacted));
+            async move { ok }
+        },
+    )
+    .await;
+    let stderr = relay.stderr();
+    assert!(
+        log_lines(
+            &stderr,
+            "WARN",
+            &[
+                "refused the credentials",
+                "authorization violation",
+                &redacted
+            ]
+        ) >= 1,
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&wrong), "the password leaked:\n{stderr}");
+    drop(relay);
+
+    // The right password: the relay is ready and publishes.
+    sqlx::query("SELECT * FROM outbox.enqueue('auth.t', 'x', NULL, '{}', 'auth-1')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let config = http::with_http(
+        nats_config(
+            &db.url,
+            &nats.url_as("relay", "p%40ss:word"),
+            &stream,
+            &prefix,
+            "",
+        ),
+        port,
+    );
+    let relay = RelayProcess::start(&config);
+    wait_until(
+        Duration::from_secs(30),
+        "published with the right password",
+        || async { db.waiting().await == 0 },
+    )
+    .await;
+    assert!(
+        matches!(http::get(&addr, "/readyz").await, Some((200, _))),
+        "relay stderr:\n{}",
+        relay.stderr()
+    );
+    let stored = read_stream(&nats.jetstream().await, &stream).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].0, "auth-1");
 }

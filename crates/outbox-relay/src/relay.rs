@@ -196,10 +196,19 @@ impl Relay {
         let handles: Vec<_> = (0..workers)
             .map(|w| tokio::spawn(worker::run(Arc::clone(&self.pipeline), w, shutdown.clone())))
             .collect();
+        let sinks: Vec<&str> = self
+            .dispatcher
+            .sinks()
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        // Each sink logged its broker, routes and stream or exchanges when it was built.
         tracing::info!(
             workers,
             batch_size = cfg.batch_size,
-            sinks = self.dispatcher.sinks().len(),
+            ordering = self.config.ordering.enabled,
+            database = %redact_url(&self.config.database.url),
+            sinks = %sinks.join(","),
             "relay running"
         );
 

@@ -92,11 +92,23 @@ pub struct OwnedNats {
     pub port: u16,
     pub dir: tempfile::TempDir,
     conf: PathBuf,
+    /// The one account's user and password, when the server requires them.
+    user: Option<(String, String)>,
 }
 
 impl OwnedNats {
     /// Starts a server on a free port with `extra` config lines (e.g. `max_payload: 4096`).
     pub async fn start(extra: &str) -> Self {
+        Self::start_server_with(extra, None).await
+    }
+
+    /// Starts a server that accepts only `user` with `password` ([`OwnedNats::url_as`]).
+    pub async fn start_with_user(user: &str, password: &str) -> Self {
+        let auth = format!("authorization {{\n  user: \"{user}\"\n  password: \"{password}\"\n}}");
+        Self::start_server_with(&auth, Some((user.into(), password.into()))).await
+    }
+
+    async fn start_server_with(extra: &str, user: Option<(String, String)>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let conf = dir.path().join("nats.conf");
@@ -114,6 +126,7 @@ impl OwnedNats {
             port,
             dir,
             conf,
+            user,
         };
         s.start_server().await;
         s
@@ -121,6 +134,23 @@ impl OwnedNats {
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The URL with `user` and `password` in it.
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        format!("nats://{user}:{password}@127.0.0.1:{}", self.port)
+    }
+
+    /// A client of the test, as the server's user if it has one (async_nats ignores
+    /// credentials in a URL: they go in the connect options).
+    pub async fn client(&self) -> Result<async_nats::Client, async_nats::ConnectError> {
+        let options = match &self.user {
+            Some((user, password)) => {
+                async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
+            }
+            None => async_nats::ConnectOptions::new(),
+        };
+        options.connect(self.url()).await
     }
 
     pub fn pid(&self) -> i32 {
@@ -147,14 +177,10 @@ impl OwnedNats {
             .spawn()
             .expect("spawn nats-server");
         self.child = Some(child);
-        let url = self.url();
         wait_until(
             Duration::from_secs(20),
             "owned nats-server accepts connections",
-            || {
-                let url = url.clone();
-                async move { async_nats::connect(&url).await.is_ok() }
-            },
+            || async { self.client().await.is_ok() },
         )
         .await;
     }
@@ -207,11 +233,7 @@ impl OwnedNats {
 
     /// A JetStream context on this server.
     pub async fn jetstream(&self) -> async_nats::jetstream::Context {
-        async_nats::jetstream::new(
-            async_nats::connect(&self.url())
-                .await
-                .expect("connect to the owned NATS"),
-        )
+        async_nats::jetstream::new(self.client().await.expect("connect to the owned NATS"))
     }
 }
 
@@ -372,6 +394,25 @@ impl Drop for NatsConsumer {
     }
 }
 
+/// Deletes a stream on drop (also when the test panicked): for a stream the relay creates.
+pub struct DeleteStreamOnDrop {
+    pub url: String,
+    pub stream: String,
+}
+
+impl Drop for DeleteStreamOnDrop {
+    fn drop(&mut self) {
+        let (url, name) = (self.url.clone(), self.stream.clone());
+        cleanup_on_own_runtime(async move {
+            if let Ok(client) = async_nats::connect(&url).await {
+                let _ = async_nats::jetstream::new(client)
+                    .delete_stream(&name)
+                    .await;
+            }
+        });
+    }
+}
+
 impl NatsConsumer {
     /// Deletes the test's stream.
     pub async fn delete_stream(&self) {
@@ -437,6 +478,7 @@ routes = [{{ topics = ["*"], subject = "{prefix}.{{key}}" }}]
     }
 
     fn poison_error(&self) -> &'static str {
+        // Followed by the subject, which the error names.
         "no JetStream stream captures this subject"
     }
 

@@ -59,6 +59,11 @@ impl Broker for NatsBroker {
             create: true,
             duplicate_window_secs: 120,
             storage: self.storage.clone(),
+            // The stream below is made without limits: say so, so the relay finds it as
+            // configured.
+            max_age_secs: 0,
+            max_bytes: 0,
+            max_msgs: 0,
         };
         self.js
             .create_stream(StreamConfig {

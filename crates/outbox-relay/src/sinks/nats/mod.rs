@@ -21,6 +21,14 @@ use crate::sinks::{route_topics, BrokerConfig, Sink, SinkError};
 /// `kind = "nats"`.
 pub const KIND: &str = "nats";
 
+/// Log filter directives the binary adds to whatever filter is configured. async_nats logs every
+/// failed reconnection attempt (`event: client error: nats: IO error` at info, "authorization
+/// violation" at error), several a second at first and every 4 s after, without the server's
+/// address. The sink reports the same events itself, with the URL, once per change of state
+/// (each attempt at debug, a reminder every minute while down), so the library's lines are
+/// left out.
+pub const LOG_DIRECTIVES: &[&str] = &["async_nats=off"];
+
 #[async_trait]
 impl BrokerConfig for NatsConfig {
     fn kind(&self) -> &'static str {
@@ -37,6 +45,10 @@ impl BrokerConfig for NatsConfig {
 
     async fn build(&self, name: &str) -> Result<Arc<dyn Sink>, SinkError> {
         Ok(Arc::new(NatsSink::new(name, self.clone()).await?))
+    }
+
+    fn log_directives() -> &'static [&'static str] {
+        LOG_DIRECTIVES
     }
 
     /// With no sink configured, every topic goes to the local NATS as `outbox.<topic>`.

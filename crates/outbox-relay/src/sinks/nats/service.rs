@@ -1,15 +1,19 @@
-//! The NATS calls: connect, ensure the stream, publish a batch and collect its acks.
+//! The NATS calls: connect, ensure the stream, publish a batch and collect its acks; and the
+//! connection's log (one line per change of state, not one per reconnection attempt).
 //! No SQL, no metrics, no retry policy here.
 
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
 use async_nats::header::{HeaderMap, HeaderName, HeaderValue};
-use async_nats::jetstream::context::{ContextBuilder, PublishErrorKind};
+use async_nats::jetstream::context::{ContextBuilder, GetStreamErrorKind, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
-use async_nats::jetstream::Context;
+use async_nats::jetstream::{Context, ErrorCode};
+use async_nats::{ClientError, Event, ServerError};
 use bytes::Bytes;
 use futures::future::join_all;
 
@@ -23,9 +27,16 @@ const MAX_ACKS_IN_FLIGHT: usize = 20_000;
 /// `error_type` of a publish that no stream captured.
 pub(super) const NO_STREAM: &str = "no_stream";
 
+/// While NATS stays unreachable, how often the log says so again (each attempt in between is a
+/// debug line): a reminder that an operator reading the last minutes of a log still finds.
+const STILL_DOWN_EVERY: Duration = Duration::from_secs(60);
+
 pub(super) struct NatsService {
     client: async_nats::Client,
     js: Context,
+    link: Arc<Link>,
+    /// Whether an existing stream whose limits differ from the configured ones was reported.
+    limits_reported: AtomicBool,
 }
 
 /// One message ready to send.
@@ -51,63 +62,120 @@ impl NatsService {
         timeout: Duration,
         ack_timeout: Duration,
     ) -> Result<Self, SinkError> {
-        let client = async_nats::ConnectOptions::new()
+        let link = Arc::new(Link::new(name, url));
+        let events = Arc::clone(&link);
+        let (address, credentials) = split_credentials(url);
+        let options = match credentials {
+            Credentials::None => async_nats::ConnectOptions::new(),
+            Credentials::UserPassword(user, password) => {
+                async_nats::ConnectOptions::with_user_and_password(user, password)
+            }
+            Credentials::Token(token) => async_nats::ConnectOptions::with_token(token),
+        };
+        let client = options
             .name(format!("outbox-relay/{name}"))
+            .event_callback(move |event| {
+                let link = Arc::clone(&events);
+                async move { link.on_event(event, Instant::now()) }
+            })
             .connection_timeout(timeout)
             .retry_on_initial_connect()
             .max_reconnects(None)
-            .connect(url)
+            .connect(address)
             .await
             .map_err(|e| {
-                SinkError::unavailable("connect", format!("cannot connect to NATS: {e}"))
+                SinkError::unavailable(
+                    "connect",
+                    format!("cannot connect to NATS at {}: {e}", link.url),
+                )
             })?;
         let js = ContextBuilder::new()
             .timeout(ack_timeout)
             .max_ack_inflight(MAX_ACKS_IN_FLIGHT)
             .backpressure_on_inflight(true)
             .build(client.clone());
-        Ok(Self { client, js })
+        Ok(Self {
+            client,
+            js,
+            link,
+            limits_reported: AtomicBool::new(false),
+        })
     }
 
     pub fn is_connected(&self) -> bool {
         self.client.connection_state() == State::Connected
     }
 
-    /// Checks that the stream exists, creating it when `create` is set.
+    /// Why the sink is not connected: the server's URL (redacted) and the last attempt's
+    /// failure, as `/readyz`, `status` and the relay's log show it.
+    pub fn not_connected(&self) -> SinkError {
+        self.link.not_connected()
+    }
+
+    /// Checks that the stream exists, creating it (with its limits) when `create` is set. An
+    /// existing stream is used as it is: when its limits differ from the configured ones, that
+    /// is logged once, and the stream is left alone (another relay or an operator owns it).
     pub async fn ensure_stream(&self, stream: &NatsStreamConfig) -> Result<(), SinkError> {
-        if stream.create {
-            let config = StreamConfig {
-                name: stream.name.clone(),
-                subjects: stream.subjects.clone(),
-                duplicate_window: Duration::from_secs(stream.duplicate_window_secs),
-                storage: if stream.storage == "memory" {
-                    StorageType::Memory
-                } else {
-                    StorageType::File
-                },
-                ..Default::default()
-            };
-            self.js
-                .get_or_create_stream(config)
-                .await
-                .map(|_| ())
-                .map_err(|e| {
+        let wanted = stream_config(stream);
+        match self.js.get_stream(&stream.name).await {
+            Ok(existing) => {
+                if stream.create {
+                    self.report_limits(&wanted, &existing.cached_info().config);
+                }
+                Ok(())
+            }
+            Err(e) if !stream_missing(e.kind()) => Err(SinkError::unavailable(
+                "stream",
+                format!("cannot look up JetStream stream {:?}: {e}", stream.name),
+            )),
+            Err(_) if !stream.create => Err(SinkError::unavailable(
+                "stream",
+                format!(
+                    "JetStream stream {:?} does not exist: create it, or set stream.create = true",
+                    stream.name
+                ),
+            )),
+            Err(_) => {
+                // `get_or_create`: another relay may create it between the look-up and here.
+                let created = self.js.get_or_create_stream(wanted.clone()).await;
+                let created = created.map_err(|e| {
                     SinkError::unavailable(
                         "stream",
                         format!("cannot create JetStream stream {:?}: {e}", stream.name),
                     )
-                })
-        } else {
-            self.js.get_stream(&stream.name).await.map(|_| ()).map_err(|e| {
-                SinkError::unavailable(
-                    "stream",
-                    format!(
-                        "JetStream stream {:?} is not usable ({e}): create it, or set stream.create = true",
-                        stream.name
-                    ),
-                )
-            })
+                })?;
+                let config = &created.cached_info().config;
+                tracing::info!(
+                    sink = %self.link.sink,
+                    stream = %config.name,
+                    subjects = ?config.subjects,
+                    storage = %stream.storage,
+                    max_age_secs = config.max_age.as_secs(),
+                    max_bytes = config.max_bytes,
+                    max_msgs = config.max_messages,
+                    duplicate_window_secs = config.duplicate_window.as_secs(),
+                    "created the JetStream stream"
+                );
+                self.report_limits(&wanted, config);
+                Ok(())
+            }
         }
+    }
+
+    /// Logs once when an existing stream's limits are not the configured ones.
+    fn report_limits(&self, wanted: &StreamConfig, existing: &StreamConfig) {
+        let differences = limit_differences(wanted, existing);
+        if differences.is_empty() || self.limits_reported.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::warn!(
+            sink = %self.link.sink,
+            stream = %existing.name,
+            differences = %differences.join(", "),
+            "the existing JetStream stream has other limits than configured; the relay does not \
+             change an existing stream: edit the stream on the server (nats stream edit), or \
+             make stream.max_age_secs / max_bytes / max_msgs match it"
+        );
     }
 
     /// Whether JetStream answers for the stream (an info request, bounded by the ack timeout).
@@ -133,20 +201,25 @@ impl NatsService {
                 .headers(headers)
                 .message_id(&msg.message_id)
                 .payload(msg.payload);
-            match self.js.send_publish(msg.subject, publish).await {
+            match self.js.send_publish(msg.subject.clone(), publish).await {
                 Ok(fut) => {
                     acks.push(None);
-                    pending.push(async move { (i, fut.await) });
+                    let subject = msg.subject;
+                    pending.push(async move { (i, subject, fut.await) });
                 }
-                Err(e) => acks.push(Some(Ack::Failed(classify(e.kind(), &e.to_string())))),
+                Err(e) => acks.push(Some(Ack::Failed(classify(
+                    e.kind(),
+                    &msg.subject,
+                    &e.to_string(),
+                )))),
             }
         }
-        for (i, result) in join_all(pending).await {
+        for (i, subject, result) in join_all(pending).await {
             acks[i] = Some(match result {
                 Ok(ack) => Ack::Stored {
                     duplicate: ack.duplicate,
                 },
-                Err(e) => Ack::Failed(classify(e.kind(), &e.to_string())),
+                Err(e) => Ack::Failed(classify(e.kind(), &subject, &e.to_string())),
             });
         }
         acks.into_iter()
@@ -165,6 +238,12 @@ impl NatsService {
 fn build_headers(pairs: &[(String, String)]) -> Result<HeaderMap, SinkError> {
     let mut map = HeaderMap::new();
     for (name, value) in pairs {
+        if name.is_empty() {
+            return Err(SinkError::permanent(
+                "invalid_header",
+                "header name \"\" is not valid for NATS: a header needs a name",
+            ));
+        }
         let n = HeaderName::from_str(name).map_err(|e| {
             SinkError::permanent(
                 "invalid_header",
@@ -182,7 +261,7 @@ fn build_headers(pairs: &[(String, String)]) -> Result<HeaderMap, SinkError> {
     Ok(map)
 }
 
-fn classify(kind: PublishErrorKind, text: &str) -> SinkError {
+fn classify(kind: PublishErrorKind, subject: &str, text: &str) -> SinkError {
     match kind {
         PublishErrorKind::MaxPayloadExceeded => SinkError::permanent(
             "too_large",
@@ -190,7 +269,7 @@ fn classify(kind: PublishErrorKind, text: &str) -> SinkError {
         ),
         PublishErrorKind::StreamNotFound => SinkError::retriable(
             NO_STREAM,
-            format!("no JetStream stream captures this subject: {text}"),
+            format!("no JetStream stream captures this subject ({subject:?}): {text}"),
         ),
         PublishErrorKind::TimedOut
         | PublishErrorKind::BrokenPipe
@@ -203,7 +282,454 @@ fn classify(kind: PublishErrorKind, text: &str) -> SinkError {
         ),
         _ => SinkError::retriable(
             "rejected",
-            format!("JetStream rejected the message: {text}"),
+            format!("JetStream rejected the message to {subject:?}: {text}"),
         ),
+    }
+}
+
+/// The stream the relay creates: the configured subjects, storage, duplicate window and limits
+/// (0 in the configuration is "no limit", which JetStream spells -1 for sizes and counts).
+fn stream_config(stream: &NatsStreamConfig) -> StreamConfig {
+    let unlimited_if_zero = |n: u64| {
+        if n == 0 {
+            -1
+        } else {
+            i64::try_from(n).unwrap_or(i64::MAX)
+        }
+    };
+    StreamConfig {
+        name: stream.name.clone(),
+        subjects: stream.subjects.clone(),
+        duplicate_window: Duration::from_secs(stream.duplicate_window_secs),
+        storage: if stream.storage == "memory" {
+            StorageType::Memory
+        } else {
+            StorageType::File
+        },
+        max_age: Duration::from_secs(stream.max_age_secs),
+        max_bytes: unlimited_if_zero(stream.max_bytes),
+        max_messages: unlimited_if_zero(stream.max_msgs),
+        ..Default::default()
+    }
+}
+
+/// The limits in which `existing` differs from `wanted`, as `key: existing (configured …)`.
+fn limit_differences(wanted: &StreamConfig, existing: &StreamConfig) -> Vec<String> {
+    let count = |n: i64| {
+        if n <= 0 {
+            "none".to_string()
+        } else {
+            n.to_string()
+        }
+    };
+    let age = |d: Duration| {
+        if d.is_zero() {
+            "none".to_string()
+        } else {
+            d.as_secs().to_string()
+        }
+    };
+    let mut out = Vec::new();
+    let mut differ = |key: &str, existing: String, wanted: String| {
+        if existing != wanted {
+            out.push(format!("{key}: {existing} (configured {wanted})"));
+        }
+    };
+    differ("max_age_secs", age(existing.max_age), age(wanted.max_age));
+    differ(
+        "max_bytes",
+        count(existing.max_bytes),
+        count(wanted.max_bytes),
+    );
+    differ(
+        "max_msgs",
+        count(existing.max_messages),
+        count(wanted.max_messages),
+    );
+    out
+}
+
+/// What the URL says to authenticate with.
+#[derive(Debug, PartialEq)]
+enum Credentials {
+    None,
+    /// `nats://user:password@host`.
+    UserPassword(String, String),
+    /// `nats://token@host`: NATS reads a user name without a password as a token.
+    Token(String),
+}
+
+/// The URL without its credentials, and the credentials. async_nats sends only the
+/// credentials set on its `ConnectOptions` and ignores those in the URL (0.51 reads them from
+/// the URL nowhere), so a `nats://user:password@host` URL would connect without them and be
+/// refused with "authorization violation" whatever the password.
+fn split_credentials(raw: &str) -> (String, Credentials) {
+    let Ok(mut url) = url::Url::parse(raw) else {
+        return (raw.to_owned(), Credentials::None);
+    };
+    let user = percent_decode(url.username());
+    let password = url.password().map(percent_decode);
+    let credentials = match (user.is_empty(), password) {
+        (true, None) => return (raw.to_owned(), Credentials::None),
+        (_, Some(password)) => Credentials::UserPassword(user, password),
+        (false, None) => Credentials::Token(user),
+    };
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    (url.to_string(), credentials)
+}
+
+/// `%xx` escapes decoded (a password with `@` or `:` is written `%40`, `%3A` in a URL).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn stream_missing(kind: GetStreamErrorKind) -> bool {
+    matches!(kind, GetStreamErrorKind::JetStream(e) if e.error_code() == ErrorCode::STREAM_NOT_FOUND)
+}
+
+/// The connection as the log and the health check report it. async_nats reports every change
+/// and every failed attempt as an [`Event`]; the library's own lines are filtered out (see
+/// `LOG_DIRECTIVES`), because they repeat once per attempt, up to several a second, without the
+/// server's address.
+pub(super) struct Link {
+    sink: String,
+    /// The server's URL with its credentials redacted.
+    url: String,
+    state: Mutex<LinkState>,
+}
+
+#[derive(Debug, Default)]
+struct LinkState {
+    connected: bool,
+    ever_connected: bool,
+    /// Why the last connection attempt failed.
+    cause: Option<Cause>,
+    /// Since when the connection is down, and how many attempts failed since.
+    down_since: Option<Instant>,
+    failed_attempts: u64,
+    /// When the log last said the connection is down (a warning).
+    warned_at: Option<Instant>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Cause {
+    /// The server refused the credentials.
+    Authorization,
+    Other(String),
+}
+
+/// What the log says about one event.
+#[derive(Debug, PartialEq)]
+enum Note {
+    Info(String),
+    Warn(String),
+    Debug(String),
+    Nothing,
+}
+
+impl Link {
+    fn new(sink: &str, url: &str) -> Self {
+        Self {
+            sink: sink.to_owned(),
+            url: crate::redact_url(url),
+            state: Mutex::new(LinkState::default()),
+        }
+    }
+
+    fn on_event(&self, event: Event, now: Instant) {
+        let note = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.note(event, now, &self.url)
+        };
+        let sink = self.sink.as_str();
+        match note {
+            Note::Info(message) => tracing::info!(sink, "{message}"),
+            Note::Warn(message) => tracing::warn!(sink, "{message}"),
+            Note::Debug(message) => tracing::debug!(sink, "{message}"),
+            Note::Nothing => {}
+        }
+    }
+
+    fn not_connected(&self) -> SinkError {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match &state.cause {
+            Some(Cause::Authorization) => {
+                SinkError::unavailable("auth", authorization_refused(&self.url))
+            }
+            Some(Cause::Other(e)) => SinkError::unavailable(
+                "disconnected",
+                format!("not connected to NATS at {}: {e}", self.url),
+            ),
+            None => SinkError::unavailable(
+                "disconnected",
+                format!(
+                    "not connected to NATS at {} (connecting; no attempt has failed yet)",
+                    self.url
+                ),
+            ),
+        }
+    }
+}
+
+fn authorization_refused(url: &str) -> String {
+    format!(
+        "not connected to NATS at {url}: the server refused the credentials (authorization \
+         violation); check the user and password (or token) in the sink's url"
+    )
+}
+
+impl LinkState {
+    fn note(&mut self, event: Event, now: Instant, url: &str) -> Note {
+        match event {
+            Event::Connected => {
+                let note = match (self.ever_connected, self.down_since) {
+                    (false, _) => Note::Info(format!("connected to NATS at {url}")),
+                    (true, Some(since)) => Note::Info(format!(
+                        "connected to NATS at {url} again after {}s ({} failed attempts)",
+                        now.duration_since(since).as_secs(),
+                        self.failed_attempts
+                    )),
+                    (true, None) => Note::Info(format!("connected to NATS at {url} again")),
+                };
+                *self = LinkState {
+                    connected: true,
+                    ever_connected: true,
+                    ..LinkState::default()
+                };
+                note
+            }
+            Event::Disconnected => {
+                if !self.connected {
+                    return Note::Nothing;
+                }
+                self.connected = false;
+                self.down_since = Some(now);
+                self.warned_at = Some(now);
+                self.cause = Some(Cause::Other("the connection was lost".into()));
+                Note::Warn(format!(
+                    "lost the connection to NATS at {url}; reconnecting (messages whose \
+                     acknowledgement did not come are published again)"
+                ))
+            }
+            Event::ClientError(ClientError::Other(e)) => {
+                let cause = if e.contains("authorization violation") {
+                    Cause::Authorization
+                } else {
+                    Cause::Other(e)
+                };
+                let text = match &cause {
+                    Cause::Authorization => authorization_refused(url),
+                    Cause::Other(e) => format!("cannot connect to NATS at {url}: {e}"),
+                };
+                // A change of kind (unreachable → credentials refused) is news; another attempt
+                // failing the same way is not.
+                let first = match &self.cause {
+                    Some(previous) => {
+                        std::mem::discriminant(previous) != std::mem::discriminant(&cause)
+                    }
+                    None => self.warned_at.is_none(),
+                };
+                self.connected = false;
+                self.down_since.get_or_insert(now);
+                self.failed_attempts += 1;
+                self.cause = Some(cause);
+                let due = self
+                    .warned_at
+                    .is_some_and(|at| now.duration_since(at) >= STILL_DOWN_EVERY);
+                if first || due {
+                    self.warned_at = Some(now);
+                    let since = self
+                        .down_since
+                        .map_or(0, |d| now.duration_since(d).as_secs());
+                    if first {
+                        Note::Warn(format!("{text}; retrying with backoff"))
+                    } else {
+                        Note::Warn(format!(
+                            "{text}; still retrying (down for {since}s, {} failed attempts)",
+                            self.failed_attempts
+                        ))
+                    }
+                } else {
+                    Note::Debug(format!(
+                        "NATS connection attempt {} failed: {text}",
+                        self.failed_attempts
+                    ))
+                }
+            }
+            Event::ClientError(e) => Note::Warn(format!("NATS client at {url}: {e}")),
+            Event::ServerError(ServerError::AuthorizationViolation) => Note::Warn(format!(
+                "NATS at {url} answered \"authorization violation\": the user in the sink's \
+                 url may not publish to a subject or use JetStream; check its permissions"
+            )),
+            Event::ServerError(e) => Note::Warn(format!("NATS at {url} reported an error: {e}")),
+            Event::LameDuckMode => Note::Warn(format!(
+                "NATS at {url} is shutting down (lame duck mode); the client reconnects"
+            )),
+            Event::Closed => Note::Info(format!("connection to NATS at {url} closed")),
+            Event::Draining | Event::SlowConsumer(_) => Note::Debug(format!("NATS: {event}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const URL: &str = "nats://relay:***@127.0.0.1:4222";
+
+    fn io_error() -> Event {
+        Event::ClientError(ClientError::Other("IO error".into()))
+    }
+
+    fn is_warn(n: &Note) -> bool {
+        matches!(n, Note::Warn(_))
+    }
+
+    #[test]
+    fn one_warning_per_change_of_state_and_a_reminder_a_minute() {
+        let t0 = Instant::now();
+        let mut s = LinkState::default();
+        // Down at start: the first failure warns, the next attempts are debug lines.
+        let first = s.note(io_error(), t0, URL);
+        assert!(matches!(&first, Note::Warn(m) if m.contains(URL) && m.contains("IO error")));
+        for i in 1..50 {
+            let n = s.note(io_error(), t0 + Duration::from_millis(i * 100), URL);
+            assert!(matches!(n, Note::Debug(_)), "{n:?}");
+        }
+        // A minute later: one reminder, with how long and how many.
+        let n = s.note(io_error(), t0 + STILL_DOWN_EVERY, URL);
+        assert!(
+            matches!(&n, Note::Warn(m) if m.contains("down for 60s")),
+            "{n:?}"
+        );
+        assert!(!is_warn(&s.note(
+            io_error(),
+            t0 + STILL_DOWN_EVERY + Duration::from_secs(1),
+            URL
+        )));
+        // A new cause is a change: it warns at once.
+        let auth = Event::ClientError(ClientError::Other("authorization violation".into()));
+        let n = s.note(auth, t0 + Duration::from_secs(61), URL);
+        assert!(
+            matches!(&n, Note::Warn(m) if m.contains("refused the credentials")),
+            "{n:?}"
+        );
+        // Connected, disconnected, reconnected: one line each.
+        assert!(matches!(
+            s.note(Event::Connected, t0 + Duration::from_secs(62), URL),
+            Note::Info(_)
+        ));
+        assert!(is_warn(&s.note(
+            Event::Disconnected,
+            t0 + Duration::from_secs(70),
+            URL
+        )));
+        assert_eq!(
+            s.note(Event::Disconnected, t0 + Duration::from_secs(70), URL),
+            Note::Nothing
+        );
+        assert!(
+            !is_warn(&s.note(io_error(), t0 + Duration::from_secs(71), URL)),
+            "the disconnect already warned"
+        );
+        let n = s.note(Event::Connected, t0 + Duration::from_secs(75), URL);
+        assert!(
+            matches!(&n, Note::Info(m) if m.contains("again after 5s")),
+            "{n:?}"
+        );
+    }
+
+    #[test]
+    fn the_health_error_names_the_url_and_the_cause() {
+        let link = Link::new("events", "nats://relay:s3cret@127.0.0.1:4222");
+        let e = link.not_connected();
+        assert!(
+            e.message.contains("nats://relay:***@127.0.0.1:4222"),
+            "{}",
+            e.message
+        );
+        link.on_event(
+            Event::ClientError(ClientError::Other("authorization violation".into())),
+            Instant::now(),
+        );
+        let e = link.not_connected();
+        assert_eq!(e.error_type, "auth");
+        assert!(
+            e.message.contains("authorization violation") && !e.message.contains("s3cret"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn credentials_leave_the_url_for_the_connect_options() {
+        assert_eq!(
+            split_credentials("nats://relay:p%40ss@127.0.0.1:4222"),
+            (
+                "nats://127.0.0.1:4222".to_string(),
+                Credentials::UserPassword("relay".into(), "p@ss".into())
+            )
+        );
+        assert_eq!(
+            split_credentials("tls://s3cr3t@nats.example:4222"),
+            (
+                "tls://nats.example:4222".to_string(),
+                Credentials::Token("s3cr3t".into())
+            )
+        );
+        assert_eq!(
+            split_credentials("nats://127.0.0.1:4222"),
+            ("nats://127.0.0.1:4222".to_string(), Credentials::None)
+        );
+    }
+
+    #[test]
+    fn created_streams_carry_the_limits_and_zero_means_none() {
+        let mut s = NatsStreamConfig::default();
+        let c = stream_config(&s);
+        assert_eq!(c.max_age, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(c.max_bytes, 1 << 30);
+        assert_eq!(c.max_messages, -1);
+        s.max_age_secs = 0;
+        s.max_bytes = 0;
+        s.max_msgs = 10;
+        let unlimited = stream_config(&s);
+        assert_eq!(
+            (
+                unlimited.max_age,
+                unlimited.max_bytes,
+                unlimited.max_messages
+            ),
+            (Duration::ZERO, -1, 10)
+        );
+        assert_eq!(
+            limit_differences(&c, &unlimited),
+            [
+                "max_age_secs: none (configured 604800)",
+                "max_bytes: none (configured 1073741824)",
+                "max_msgs: 10 (configured none)"
+            ]
+        );
+        assert!(limit_differences(&c, &c).is_empty());
     }
 }

@@ -6,10 +6,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::config::NatsConfig;
+use super::config::{check_subject, NatsConfig};
 use super::service::{Ack, NatsService, Outgoing, NO_STREAM};
 use crate::sinks::{
-    message_headers, render_template, Envelope, ErrorKind, Outcome, Sink, SinkError,
+    complete_outcomes, message_headers, render_template, Envelope, ErrorKind, Outcome, Sink,
+    SinkError,
 };
 
 pub struct NatsSink {
@@ -20,6 +21,16 @@ pub struct NatsSink {
 
 impl NatsSink {
     pub async fn new(name: &str, config: NatsConfig) -> Result<Self, SinkError> {
+        let stream = &config.stream;
+        tracing::info!(
+            sink = name,
+            url = %crate::redact_url(&config.url),
+            stream = %stream.name,
+            stream_create = stream.create,
+            stream_subjects = ?stream.subjects,
+            routes = %describe_routes(&config),
+            "NATS sink"
+        );
         let service = NatsService::connect(
             &config.url,
             name,
@@ -77,10 +88,7 @@ impl NatsSink {
 
     async fn ready(&self) -> Result<(), SinkError> {
         if !self.service.is_connected() {
-            return Err(SinkError::unavailable(
-                "disconnected",
-                "not connected to NATS",
-            ));
+            return Err(self.service.not_connected());
         }
         if !self.stream_ready.load(Ordering::Acquire) {
             self.service.ensure_stream(&self.config.stream).await?;
@@ -100,32 +108,46 @@ impl Sink for NatsSink {
         if let Err(e) = self.ready().await {
             return vec![Outcome::Failed(e); batch.len()];
         }
-        let outgoing = batch
-            .iter()
-            .map(|env| {
-                let row = env.row;
-                let headers = message_headers(row)
-                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                    .collect();
-                Outgoing {
-                    subject: render_template(&self.config.routes[env.route].subject, row),
-                    message_id: row.message_id.clone(),
-                    headers,
-                    payload: Bytes::copy_from_slice(&row.payload),
-                }
-            })
-            .collect();
-        let mut outcomes: Vec<Outcome> = self
-            .service
-            .publish_all(outgoing)
-            .await
-            .into_iter()
-            .map(|ack| match ack {
+        // A subject NATS cannot deliver is the row's fault and stays so: it is dead-lettered
+        // now, never sent (the server would answer "invalid subject" or "no responders", which
+        // look retriable, and a wildcard subject reaches no consumer of concrete subjects).
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
+        let mut sent = Vec::with_capacity(batch.len());
+        let mut outgoing = Vec::with_capacity(batch.len());
+        for (i, env) in batch.iter().enumerate() {
+            let row = env.row;
+            let template = &self.config.routes[env.route].subject;
+            let subject = render_template(template, row);
+            if let Err(why) = check_subject(&subject) {
+                outcomes[i] = Some(Outcome::Failed(SinkError::permanent(
+                    "invalid_subject",
+                    format!(
+                        "subject {subject:?} (from {template:?} for topic {:?}) is not a valid NATS subject: it {why}",
+                        row.topic
+                    ),
+                )));
+                continue;
+            }
+            let headers = message_headers(row)
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            sent.push(i);
+            outgoing.push(Outgoing {
+                subject,
+                message_id: row.message_id.clone(),
+                headers,
+                payload: Bytes::copy_from_slice(&row.payload),
+            });
+        }
+        let acks = self.service.publish_all(outgoing).await;
+        for (i, ack) in sent.into_iter().zip(acks) {
+            outcomes[i] = Some(match ack {
                 Ack::Stored { duplicate: false } => Outcome::Delivered,
                 Ack::Stored { duplicate: true } => Outcome::Duplicate,
                 Ack::Failed(e) => Outcome::Failed(e),
-            })
-            .collect();
+            });
+        }
+        let mut outcomes = complete_outcomes(outcomes);
         self.blame_broker_if_down(&mut outcomes).await;
         // No stream answered: it was deleted, or lost with a memory-storage server restart.
         // Look (and, with stream.create, create it again) before the next batch, instead of
@@ -143,4 +165,14 @@ impl Sink for NatsSink {
         self.stream_ready.store(false, Ordering::Release);
         self.ready().await
     }
+}
+
+/// The routes for the start-up log: `["order.*"] -> orders.{topic}; …`.
+fn describe_routes(config: &NatsConfig) -> String {
+    config
+        .routes
+        .iter()
+        .map(|r| format!("{:?} -> {}", r.topics, r.subject))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
