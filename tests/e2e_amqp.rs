@@ -530,7 +530,8 @@ async fn topo_ready_after_restart(url: &str, queue: &str) -> u32 {
 }
 
 /// Guarantee (docs/sinks/amqp.md): credentials never appear in logs or errors, even at trace level, and the
-/// sink is reported down with the broker's reason when they are wrong. The URL comes from the
+/// sink is reported down with the broker's reason (ACCESS_REFUSED) and what to check when they
+/// are wrong, on /readyz and in the relay's log. The URL comes from the
 /// environment (`OUTBOX_SINKS__<NAME>__URL`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_credentials_from_env_never_logged() {
@@ -577,6 +578,18 @@ exchanges = []
         "the redacted URL is logged:\n{stderr}"
     );
     assert!(stderr.contains("TRACE"), "the relay ran at trace level");
+    // The refusal is named with what to check, on /readyz and in the relay's own warning.
+    assert!(
+        body.contains("the broker refused the login: check the user and password"),
+        "{body}"
+    );
+    assert!(
+        stderr.lines().any(|l| l.contains("WARN")
+            && l.contains("ACCESS_REFUSED")
+            && l.contains("amqp://guest:***@127.0.0.1")
+            && l.contains("check the user and password")),
+        "the relay's log names the refusal:\n{stderr}"
+    );
     assert!(
         !stderr.contains(&secret),
         "the password leaked into the logs"

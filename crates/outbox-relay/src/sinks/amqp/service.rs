@@ -404,7 +404,15 @@ async fn connect(s: &Settings) -> Result<(Connection, Channel, Events), String> 
     }
     let connection = Connection::connect_uri(s.uri.clone(), properties)
         .await
-        .map_err(|e| format!("cannot connect to RabbitMQ at {}: {e}", s.redacted))?;
+        .map_err(|e| {
+            let e = e.to_string();
+            let hint = if e.contains("ACCESS_REFUSED") {
+                "; the broker refused the login: check the user and password in the sink's url (and that the user may use the vhost)"
+            } else {
+                ""
+            };
+            format!("cannot connect to RabbitMQ at {}: {e}{hint}", s.redacted)
+        })?;
     let events: Events = Box::pin(connection.events_listener());
     match setup(&connection, s).await {
         Ok(channel) => Ok((connection, channel, events)),

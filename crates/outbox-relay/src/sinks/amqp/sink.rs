@@ -26,6 +26,27 @@ impl AmqpSink {
     /// Starts connecting in the background and waits for the first attempt (at most
     /// `connect_timeout_secs`); a broker that is down is not an error here.
     pub async fn new(name: &str, config: AmqpConfig) -> Result<Self, SinkError> {
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| {
+                format!(
+                    "{:?} -> exchange {:?} key {}",
+                    r.topics, r.exchange, r.routing_key
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        let declared: Vec<&str> = config.exchanges.iter().map(|e| e.name.as_str()).collect();
+        tracing::info!(
+            sink = name,
+            url = %crate::redact_url(&config.url),
+            declares = ?declared,
+            must_exist = ?config.undeclared_exchanges(),
+            routes = %routes,
+            mandatory = config.mandatory,
+            "RabbitMQ sink"
+        );
         let service = AmqpService::start(name, &config)?;
         service
             .wait_first_attempt(Duration::from_secs(config.connect_timeout_secs + 1))

@@ -26,6 +26,18 @@ impl KafkaSink {
     /// Creates the producer; it connects in the background, so a cluster that is down is not
     /// an error (publishes report `unavailable` until it is back).
     pub fn new(name: &str, config: KafkaConfig) -> Result<Self, SinkError> {
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| format!("{:?} -> {}", r.topics, r.topic))
+            .collect::<Vec<_>>()
+            .join("; ");
+        tracing::info!(
+            sink = name,
+            brokers = %config.brokers,
+            routes = %routes,
+            "Kafka sink"
+        );
         let service = KafkaService::new(
             name,
             config.client_config(),
