@@ -378,15 +378,38 @@ async fn status_json_shows_waiting_counts_and_oldest_age_per_topic() {
 async fn migrate_is_idempotent_and_the_demo_relays_every_message() {
     let db = TestDb::empty().await;
     let env = [("OUTBOX_DATABASE__URL", db.url.as_str())];
+    let mut printed = Vec::new();
     for round in 1..=2 {
         let out = run_cli(&["migrate"], &env);
-        assert!(
-            out.status.success(),
-            "migrate #{round}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
         );
-        assert!(String::from_utf8_lossy(&out.stdout).contains("migrations applied"));
+        assert!(out.status.success(), "migrate #{round}: {stderr}");
+        // PostgreSQL's notices ("… does not exist, skipping") are the migrations' IF EXISTS at
+        // work: not shown.
+        assert!(
+            !stderr.contains("skipping") && !stderr.contains("notice"),
+            "migrate #{round} logged notices:\n{stderr}"
+        );
+        printed.push(stdout);
     }
+    let (first, second) = (&printed[0], &printed[1]);
+    assert!(first.starts_with("applied "), "{first}");
+    for line in [
+        "  0001 outbox\n",
+        "  0003 observability\n",
+        "  0004 ordering\n",
+    ] {
+        assert!(
+            first.contains(line),
+            "the first migrate lists {line:?}:\n{first}"
+        );
+    }
+    assert!(
+        second.contains("is up to date (latest migration") && !second.contains("0001"),
+        "the second migrate applies nothing:\n{second}"
+    );
     let tables: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_tables WHERE schemaname = 'outbox'
             AND tablename IN ('messages', 'sent', 'dead_letters', 'partition_leases')",

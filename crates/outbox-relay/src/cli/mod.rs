@@ -39,7 +39,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Apply the database migrations (idempotent).
+    /// Apply the database migrations (idempotent): prints each version applied, or that the
+    /// database is up to date.
     Migrate,
     /// Relay outbox rows to the brokers until SIGTERM or SIGINT, then finish in-flight work.
     Run,
@@ -88,7 +89,16 @@ pub fn main() -> ExitCode {
         Command::Demo { .. } if config.log.level == "info" => "warn".to_string(),
         _ => config.log.level.clone(),
     };
-    init_logging(&config, &level);
+    // Migrating logs PostgreSQL's notices at INFO ("trigger … does not exist, skipping": the
+    // migrations' `IF EXISTS` at work, not a problem) and may warn of slow statements (a
+    // migration rewriting a table); `migrate` prints what it applied instead.
+    let quiet: &[&str] = match cli.command {
+        Command::Migrate | Command::Demo { .. } => {
+            &["sqlx::postgres::notice=warn", "sqlx::query=error"]
+        }
+        _ => &[],
+    };
+    init_logging(&config, &level, quiet);
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
@@ -124,10 +134,17 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             // No statement or idle timeout: a migration may rewrite a large outbox table
             // (0004 adds a stored column), which must not be cut off at claim_timeout_secs.
             let pool = connect_with_timeout(&config, std::time::Duration::ZERO).await?;
+            let before = crate::store::history::applied_versions(&pool).await?;
             crate::store::migrate(&pool).await?;
-            println!(
-                "migrations applied to {}",
-                crate::redact::redact_url(&config.database.url)
+            let after = crate::store::history::applied_versions(&pool).await?;
+            print!(
+                "{}",
+                render_migrated(
+                    &crate::redact::redact_url(&config.database.url),
+                    &crate::store::history::known(),
+                    &before,
+                    &after
+                )
             );
             Ok(())
         }
@@ -166,6 +183,25 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             "the demo publishes to NATS, and this build has no NATS sink: build with the `nats` feature"
         ),
     }
+}
+
+/// What `migrate` did: the versions it applied with their descriptions, or "up to date".
+fn render_migrated(url: &str, known: &[(i64, String)], before: &[i64], after: &[i64]) -> String {
+    let applied: Vec<&(i64, String)> = known
+        .iter()
+        .filter(|(v, _)| after.contains(v) && !before.contains(v))
+        .collect();
+    if applied.is_empty() {
+        return match known.iter().rev().find(|(v, _)| after.contains(v)) {
+            Some((v, d)) => format!("{url} is up to date (latest migration {v:04} {d})\n"),
+            None => format!("{url} is up to date\n"),
+        };
+    }
+    let mut out = format!("applied {} migration(s) to {url}:\n", applied.len());
+    for (v, d) in applied {
+        out.push_str(&format!("  {v:04} {d}\n"));
+    }
+    out
 }
 
 fn parse_interval(raw: &str) -> Result<f64, String> {
@@ -223,11 +259,14 @@ async fn wait_for_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-fn init_logging(config: &Config, level: &str) {
+fn init_logging(config: &Config, level: &str, quiet: &[&str]) {
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    for directive in crate::sinks::log_directives() {
+    for directive in crate::sinks::log_directives()
+        .into_iter()
+        .chain(quiet.iter().copied())
+    {
         if let Ok(d) = directive.parse() {
             filter = filter.add_directive(d);
         }

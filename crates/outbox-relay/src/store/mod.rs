@@ -29,6 +29,7 @@ pub mod complete;
 pub mod dead;
 pub mod demo;
 pub mod floor;
+pub mod history;
 pub mod keys;
 pub mod lag;
 pub mod sleepers;
