@@ -8,6 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use outbox_client::{enqueue_many, Message};
+use sqlx::Connection;
 use support::*;
 
 /// The binary with a clean `OUTBOX_*` environment (and no `DATABASE_URL`, which would stand in
@@ -370,10 +371,11 @@ async fn status_json_shows_waiting_counts_and_oldest_age_per_topic() {
     );
 }
 
-/// `outbox-relay migrate` creates the schema on an empty database and is a no-op the second
-/// time; `outbox-relay demo` (the README's main job) then runs on it against the local NATS,
-/// every sample message arrives, and it exits 0 with the backlog drained. The demo's stream and
-/// subjects are the test's own (config file), deleted at the end.
+/// `outbox-relay migrate` creates the schema on an empty database, listing what it applied, and
+/// says "up to date" the second time; `outbox-relay demo` (the README's main job) works in a
+/// database of its own (created, then found again) and a stream of its own (deleted, or kept
+/// with `--keep`), every keyed message arrives in per-key order, the status shows its relay live
+/// with the sink up, and it ends with the commands to run next.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_is_idempotent_and_the_demo_relays_every_message() {
     let db = TestDb::empty().await;
@@ -419,46 +421,120 @@ async fn migrate_is_idempotent_and_the_demo_relays_every_message() {
     .unwrap();
     assert_eq!(tables, 4, "the schema exists after migrate");
 
-    let stream = unique("DEMO").to_uppercase();
-    let prefix = unique("demo");
+    // The demo: its own database (named here so that parallel tests do not share it) and its
+    // own stream; only the NATS URL comes from the config file.
+    let demo_db = unique("outbox_demo_test");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("demo.toml");
     std::fs::write(
         &path,
-        format!(
-            "[sinks.nats]\nkind = \"nats\"\nurl = \"{}\"\n\
-             stream = {{ name = \"{stream}\", subjects = [\"{prefix}.>\"], storage = \"memory\" }}\n\
-             routes = [{{ topics = [\"*\"], subject = \"{prefix}.{{topic}}\" }}]\n",
-            nats_url()
-        ),
+        format!("[sinks.nats]\nkind = \"nats\"\nurl = \"{}\"\n", nats_url()),
     )
     .unwrap();
-    let out = run_cli(
-        &["--config", path.to_str().unwrap(), "demo", "--count", "7"],
-        &env,
-    );
+    let demo = |extra: &[&str]| {
+        let mut args = vec![
+            "--config",
+            path.to_str().unwrap(),
+            "demo",
+            "--count",
+            "7",
+            "--database",
+            &demo_db,
+        ];
+        args.extend_from_slice(extra);
+        let out = run_cli(&args, &env);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "demo failed\nstdout:\n{stdout}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stream = stdout
+            .split("stream ")
+            .nth(1)
+            .and_then(|s| s.split([',', ' ', ';']).next())
+            .unwrap_or_else(|| panic!("the demo names its stream:\n{stdout}"))
+            .to_string();
+        (stdout, stream)
+    };
     let context = async_nats::jetstream::new(async_nats::connect(nats_url()).await.unwrap());
-    let _ = context.delete_stream(&stream).await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut demo_url = url::Url::parse(&db.url).unwrap();
+    demo_url.set_path(&format!("/{demo_db}"));
+    let drop_demo_db = || async {
+        let mut admin = sqlx::PgConnection::connect(&database_url()).await.unwrap();
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {demo_db} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    };
+
+    let (stdout, stream) = demo(&[]);
+    assert!(stream.starts_with("OUTBOX_DEMO_"), "{stream}\n{stdout}");
+    for needle in [
+        &format!("1. database {demo_db} at "),
+        "(created)",
+        "4. all 21 messages arrived",
+        "each of the 7 keys received its events in the order they were enqueued",
+        "RELAYS: 1 live",
+        &format!("(stream {stream} deleted; --keep keeps it)"),
+        "outbox-relay migrate ",
+        "outbox-relay run ",
+        "outbox-relay status --watch ",
+    ] {
+        assert!(
+            stdout.contains(needle),
+            "the demo prints {needle:?}:\n{stdout}"
+        );
+    }
     assert!(
-        out.status.success(),
-        "demo failed\nstdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("all 7 messages arrived"), "{stdout}");
-    assert_eq!(
         stdout
-            .matches(&format!("{prefix}.user.created Nats-Msg-Id="))
-            .count(),
-        7,
-        "each sample message printed once as it arrived:\n{stdout}"
+            .lines()
+            .any(|l| l.trim_start().starts_with("nats") && l.contains(" up ") && l.contains("1/1")),
+        "the status shows the sink up while the relay runs:\n{stdout}"
     );
-    assert_eq!(db.waiting().await, 0, "the demo's backlog is drained");
-    let users: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_demo.users")
+    assert!(
+        context.get_stream(&stream).await.is_err(),
+        "the demo's stream is deleted at the end"
+    );
+    let in_configured: bool = sqlx::query_scalar("SELECT to_regclass('outbox_demo.users') IS NULL")
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    assert_eq!(users, 7, "one business row per outbox row");
+    assert!(
+        in_configured,
+        "the demo leaves the configured database alone"
+    );
+    assert_eq!(db.waiting().await, 0);
+
+    // Again with --keep: the same database, a new stream holding all 21 messages, kept.
+    let (stdout, kept) = demo(&["--keep"]);
+    assert!(stdout.contains("(already there)"), "{stdout}");
+    assert!(stdout.contains(&format!("(stream {kept} kept")), "{stdout}");
+    let messages = match context.get_stream(&kept).await {
+        Ok(mut s) => s.info().await.ok().map(|i| i.state.messages),
+        Err(_) => None,
+    };
+    let _ = context.delete_stream(&kept).await;
+    assert_eq!(
+        messages,
+        Some(21),
+        "the kept stream holds the run's messages"
+    );
+
+    let demo_pool = sqlx::PgPool::connect(demo_url.as_str()).await.unwrap();
+    let (users, waiting): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM outbox_demo.users), (SELECT count(*) FROM outbox.messages)",
+    )
+    .fetch_one(&demo_pool)
+    .await
+    .unwrap();
+    demo_pool.close().await;
+    drop_demo_db().await;
+    assert_eq!(
+        (users, waiting),
+        (14, 0),
+        "7 users per run, the backlog drained"
+    );
 }
 
 /// A database that does not exist gets advice about the database, not "start it"; a database

@@ -67,11 +67,19 @@ pub enum Command {
         #[command(subcommand)]
         command: keys::KeysCommand,
     },
-    /// Migrate, enqueue sample users with their outbox rows, relay them to NATS, show what arrived.
+    /// The main job end to end, in a database and a NATS stream of its own: sample users, three
+    /// events per user under its key (each in one transaction with its change), relayed to NATS,
+    /// read back in per-key order, the status while the relay runs, and what to run next.
     Demo {
-        /// How many sample users to create.
+        /// How many sample users to create (three events each).
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         count: u32,
+        /// The demo's database, on the server of database.url; created when missing.
+        #[arg(long, default_value = "outbox_demo", value_name = "NAME", value_parser = parse_database)]
+        database: String,
+        /// Keep the demo's NATS stream (it is deleted at the end otherwise).
+        #[arg(long)]
+        keep: bool,
     },
 }
 
@@ -91,11 +99,10 @@ pub fn main() -> ExitCode {
     };
     // Migrating logs PostgreSQL's notices at INFO ("trigger … does not exist, skipping": the
     // migrations' `IF EXISTS` at work, not a problem) and may warn of slow statements (a
-    // migration rewriting a table); `migrate` prints what it applied instead.
+    // migration rewriting a table); `migrate` prints what it applied instead. PostgreSQL's
+    // warnings still show.
     let quiet: &[&str] = match cli.command {
-        Command::Migrate | Command::Demo { .. } => {
-            &["sqlx::postgres::notice=warn", "sqlx::query=error"]
-        }
+        Command::Migrate | Command::Demo { .. } => &["sqlx=error", "sqlx::postgres::notice=warn"],
         _ => &[],
     };
     init_logging(&config, &level, quiet);
@@ -177,7 +184,21 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             keys::run(&pool, command).await
         }
         #[cfg(feature = "nats")]
-        Command::Demo { count } => demo::run(config, count).await,
+        Command::Demo {
+            count,
+            database,
+            keep,
+        } => {
+            demo::run(
+                config,
+                demo::DemoArgs {
+                    count,
+                    database,
+                    keep,
+                },
+            )
+            .await
+        }
         #[cfg(not(feature = "nats"))]
         Command::Demo { .. } => anyhow::bail!(
             "the demo publishes to NATS, and this build has no NATS sink: build with the `nats` feature"
@@ -202,6 +223,22 @@ fn render_migrated(url: &str, known: &[(i64, String)], before: &[i64], after: &[
         out.push_str(&format!("  {v:04} {d}\n"));
     }
     out
+}
+
+/// A database name the demo may create: lowercase letters, digits and `_`.
+fn parse_database(raw: &str) -> Result<String, String> {
+    let ok = raw.len() <= 63
+        && raw.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && raw
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(raw.to_string())
+    } else {
+        Err(format!(
+            "{raw:?} is not a database name the demo creates: use lowercase letters, digits and '_' (at most 63), e.g. outbox_demo"
+        ))
+    }
 }
 
 fn parse_interval(raw: &str) -> Result<f64, String> {
