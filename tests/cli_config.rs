@@ -319,9 +319,11 @@ async fn status_json_shows_waiting_counts_and_oldest_age_per_topic() {
     enqueue_many(&mut db.pool.acquire().await.unwrap(), &batch)
         .await
         .unwrap();
-    // Make one orders row an hour old: the oldest age must come from it.
+    // Make one orders row an hour old (enqueued then, due then): the oldest age must come from
+    // it.
     sqlx::query(
-        "UPDATE outbox.messages SET created_at = now() - interval '1 hour'
+        "UPDATE outbox.messages
+            SET created_at = now() - interval '1 hour', available_at = now() - interval '1 hour'
           WHERE id = (SELECT min(id) FROM outbox.messages WHERE topic = 'orders.created')",
     )
     .execute(&db.pool)

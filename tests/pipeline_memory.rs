@@ -207,9 +207,13 @@ async fn an_unrouted_topic_is_dead_lettered_as_no_route() {
     let (_, error) = dead_letter(&db, &stray).await.unwrap();
     assert!(error.contains("no route matches topic"), "{error}");
     // The batch's metrics are counted just after its transaction commits.
-    wait_until(Duration::from_secs(10), "the no_route error counted", || async {
-        relay.counter("outbox_publish_errors_total", &[("error_type", "no_route")]) >= 1.0
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "the no_route error counted",
+        || async {
+            relay.counter("outbox_publish_errors_total", &[("error_type", "no_route")]) >= 1.0
+        },
+    )
     .await;
     assert_eq!(
         relay.counter("outbox_publish_errors_total", &[("error_type", "no_route")]),

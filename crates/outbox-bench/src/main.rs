@@ -9,7 +9,11 @@
 //! 4. `enqueue`: client crate vs raw INSERT, 1 and 100 rows per transaction, wake-up states.
 //! 5. `scale`: 1, 2, 4 relay processes draining one keyed backlog, ordering on and off.
 //! 6. `steady`: a fraction (70 %) of the end-to-end maximum rate (closed-loop producer and relay
-//!    together) for `--steady-secs`.
+//!    together) for `--steady-secs`, with autovacuum on and/or off (`--steady-autovacuum`).
+//! 7. `heldxmin`: the steady state at `--hold-rate` with a REPEATABLE READ transaction held open
+//!    in the same database for `--hold-secs` after a baseline, then `--hold-after-secs`.
+//! 8. `deadrows`: the claim's time with `--dead-rows` deleted rows behind the live ones while a
+//!    transaction holds the xmin horizon, with and without the claim floor.
 //!
 //! See docs/benchmarks.md for the method and the results on the reference machine.
 
@@ -40,6 +44,8 @@ pub enum Scenario {
     Enqueue,
     Scale,
     Steady,
+    Heldxmin,
+    Deadrows,
 }
 
 #[derive(Debug, Parser)]
@@ -57,7 +63,7 @@ pub struct Cli {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "ceiling,drain,latency,enqueue,scale,steady"
+        default_value = "ceiling,drain,latency,enqueue,scale,steady,heldxmin,deadrows"
     )]
     scenarios: Vec<Scenario>,
     /// Small sizes and short durations: the whole run takes a few minutes.
@@ -134,6 +140,26 @@ pub struct Cli {
     /// publishes; the first fifth is warm-up) [default: 30; quick: 10].
     #[arg(long)]
     max_rate_secs: Option<f64>,
+    /// Autovacuum settings of the steady state, comma-separated: on (the server's), off
+    /// (`autovacuum_enabled = false` on the benchmark database's outbox tables).
+    #[arg(long, value_delimiter = ',', default_value = "on", value_parser = ["on", "off"])]
+    steady_autovacuum: Vec<String>,
+    /// Offered rate of the held-xmin scenario (messages/s, `--steady-batch` per transaction).
+    #[arg(long, default_value_t = 2000.0)]
+    hold_rate: f64,
+    /// Seconds before the holder begins [default: 120; quick: 30].
+    #[arg(long)]
+    hold_baseline_secs: Option<f64>,
+    /// Seconds the REPEATABLE READ transaction stays open [default: 900; quick: 60].
+    #[arg(long)]
+    hold_secs: Option<f64>,
+    /// Seconds measured after the holder ends [default: 120; quick: 60].
+    #[arg(long)]
+    hold_after_secs: Option<f64>,
+    /// Deleted rows behind the live ones for `deadrows`, cumulative steps
+    /// [default: 0,500000,1500000,5000000; quick: 0,100000,300000].
+    #[arg(long, value_delimiter = ',')]
+    dead_rows: Vec<u64>,
     /// PostgreSQL server; each benchmark creates (and drops) its own database there.
     #[arg(
         long,
@@ -238,6 +264,20 @@ fn resolve(cli: &Cli) -> anyhow::Result<Opts> {
         steady_fraction: cli.steady_fraction,
         steady_batch: cli.steady_batch.max(1),
         max_rate_secs: pick(cli.max_rate_secs, 30.0, 10.0),
+        dead_rows: if cli.dead_rows.is_empty() {
+            if q {
+                vec![0, 100_000, 300_000]
+            } else {
+                vec![0, 500_000, 1_500_000, 5_000_000]
+            }
+        } else {
+            cli.dead_rows.clone()
+        },
+        hold_rate: cli.hold_rate,
+        hold_baseline_secs: pick(cli.hold_baseline_secs, 120.0, 30.0),
+        hold_secs: pick(cli.hold_secs, 900.0, 60.0),
+        hold_after_secs: pick(cli.hold_after_secs, 120.0, 60.0),
+        steady_autovacuum: cli.steady_autovacuum.clone(),
         launcher: RelayLauncher::new(cli.relay_bin.clone(), batch_size, workers, log_dir)?,
     };
     anyhow::ensure!(o.messages > 0, "--messages must be above 0");
@@ -442,9 +482,54 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 b.kind(),
                 o.steady_secs
             );
-            r.steady
-                .push(scenarios::latency::steady(&o, b.as_ref(), rate, basis).await?);
+            for av in &o.steady_autovacuum {
+                eprintln!("steady: autovacuum {av}");
+                let spec = scenarios::latency::SteadySpec {
+                    autovacuum_off: av == "off",
+                    hold: None,
+                };
+                r.steady.push(
+                    scenarios::latency::steady(&o, b.as_ref(), rate, basis.clone(), &spec).await?,
+                );
+            }
         }
+    }
+
+    if wants(Scenario::Heldxmin) {
+        for b in &brokers {
+            let total = o.hold_baseline_secs + o.hold_secs + o.hold_after_secs;
+            eprintln!(
+                "heldxmin: {:.0} msg/s through {} for {total:.0} s, a REPEATABLE READ transaction open from t = {:.0} s for {:.0} s",
+                o.hold_rate,
+                b.kind(),
+                o.hold_baseline_secs,
+                o.hold_secs
+            );
+            let mut ho = o.clone();
+            ho.steady_secs = total;
+            let spec = scenarios::latency::SteadySpec {
+                autovacuum_off: false,
+                hold: Some((o.hold_baseline_secs, o.hold_secs)),
+            };
+            r.steady.push(
+                scenarios::latency::steady(
+                    &ho,
+                    b.as_ref(),
+                    o.hold_rate,
+                    "--hold-rate".into(),
+                    &spec,
+                )
+                .await?,
+            );
+        }
+    }
+
+    if wants(Scenario::Deadrows) {
+        eprintln!(
+            "deadrows: claims with {:?} deleted rows behind the live ones",
+            o.dead_rows
+        );
+        r.dead_rows = Some(scenarios::storage::dead_rows(&o, &o.dead_rows).await?);
     }
 
     r.finish();

@@ -22,6 +22,8 @@ pub struct RelayLauncher {
     pub batch_size: u32,
     pub workers: u32,
     pub log_dir: PathBuf,
+    /// `http.listen` of the relays started (empty: no HTTP server).
+    pub http_listen: String,
 }
 
 impl RelayLauncher {
@@ -46,6 +48,7 @@ impl RelayLauncher {
             batch_size,
             workers,
             log_dir,
+            http_listen: String::new(),
         })
     }
 
@@ -69,7 +72,7 @@ impl RelayLauncher {
         config.database.max_connections = self.workers + 2;
         config.relay.batch_size = self.batch_size;
         config.relay.workers = self.workers;
-        config.http.listen = String::new();
+        config.http.listen = self.http_listen.clone();
         config.log.level = "warn".into();
         config.sinks = sinks.iter().cloned().collect();
         config.ordering.enabled = ordering;

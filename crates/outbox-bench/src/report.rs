@@ -95,6 +95,8 @@ pub struct Report {
     /// `--steady-rate` is given).
     pub max_rate: Vec<MaxRateResult>,
     pub steady: Vec<SteadyResult>,
+    /// The claim with deleted rows behind the live ones (`deadrows`).
+    pub dead_rows: Option<crate::scenarios::storage::DeadRowsResult>,
     pub targets: Vec<Target>,
 }
 
@@ -145,6 +147,7 @@ impl Report {
             scale_ratios: Vec::new(),
             max_rate: Vec::new(),
             steady: Vec::new(),
+            dead_rows: None,
             targets: Vec::new(),
         }
     }
@@ -588,37 +591,108 @@ impl Report {
             }
         }
         for s in &self.steady {
+            let what = if s.hold.is_some() {
+                "Held xmin"
+            } else {
+                "Steady state"
+            };
             println!(
-                "\n## Steady state, {}: {:.0} msg/s ({}), {} msg/tx, {} s",
-                s.sink, s.target_rate, s.rate_basis, s.messages_per_tx, s.secs
+                "\n## {what}, {} (autovacuum {}): {:.0} msg/s ({}), {} msg/tx, {} s",
+                s.sink, s.autovacuum, s.target_rate, s.rate_basis, s.messages_per_tx, s.secs
             );
             println!(
-                "{:>7} {:>10} {:>9} {:>9} {:>12} {:>12} {:>10}",
-                "t (s)", "recv/s", "p50 ms", "p99 ms", "table KiB", "index KiB", "dead tup"
+                "{:>7} {:>5} {:>10} {:>9} {:>9} {:>11} {:>10} {:>12} {:>12} {:>10} {:>9}",
+                "t (s)",
+                "held",
+                "recv/s",
+                "p50 ms",
+                "p99 ms",
+                "commit p99",
+                "claim p99",
+                "table KiB",
+                "index KiB",
+                "dead tup",
+                "waiting"
             );
             for w in &s.windows {
                 println!(
-                    "{:>7.0} {:>10.0} {:>9.1} {:>9.1} {:>12} {:>12} {:>10}",
+                    "{:>7.0} {:>5} {:>10.0} {:>9.1} {:>9.1} {:>11.1} {:>10} {:>12} {:>12} {:>10} {:>9}",
                     w.start_secs,
+                    if w.held { "yes" } else { "" },
                     w.received_per_sec,
                     w.latency.p50_ms,
                     w.latency.p99_ms,
+                    w.from_commit.p99_ms,
+                    w.claim_p99_ms
+                        .map(|c| format!("{c:.1}"))
+                        .unwrap_or_else(|| "-".into()),
                     w.table_bytes / 1024,
                     w.index_bytes / 1024,
-                    w.dead_tuples
+                    w.dead_tuples,
+                    w.waiting
                 );
             }
             println!(
-                "end: table {} KiB, indexes {} KiB, live {}, dead {}, autovacuums {}; overall p99 {:.1} ms, received {}/{}, relay RSS {:.1} MiB",
+                "end: table {} KiB, indexes {} KiB, live {}, dead {}, autovacuums {}, relay VACUUMs {}; overall p99 {:.1} ms (commit -> consumer {:.1} ms), received {}/{}, relay RSS {:.1} MiB",
                 s.end_table_bytes / 1024,
                 s.end_index_bytes / 1024,
                 s.end_live_tuples,
                 s.end_dead_tuples,
                 s.autovacuum_count,
+                s.relay_vacuums,
                 s.from_intended.p99_ms,
+                s.from_commit.p99_ms,
                 s.received,
                 s.sent,
                 s.relay_peak_rss_mib
+            );
+            if let Some(h) = &s.hold {
+                println!(
+                    "holder {:.0} s from t = {:.0} s: commit p99 baseline {:.1} ms, worst held window {:.1} ms (bar {:.1} ms); lowest window {:.1} % of offered; claim p99 baseline {} ms, held max {} ms; waiting 30 s after: {}",
+                    h.secs,
+                    h.start_secs,
+                    h.baseline_p99_ms,
+                    h.held_max_window_p99_ms,
+                    h.p99_bar_ms,
+                    h.min_window_delivered_pct,
+                    h.claim_p99_baseline_ms.map(|c| format!("{c:.1}")).unwrap_or_else(|| "-".into()),
+                    h.claim_p99_held_max_ms.map(|c| format!("{c:.1}")).unwrap_or_else(|| "-".into()),
+                    h.waiting_30s_after.map(|w| w.to_string()).unwrap_or_else(|| "-".into()),
+                );
+            }
+        }
+        if let Some(d) = &self.dead_rows {
+            println!(
+                "\n## Claim of {} rows with deleted rows behind {} live ones (held xmin; median of 5, ms)",
+                d.claim_batch, d.live_rows
+            );
+            println!(
+                "{:>10} {:>10} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11}",
+                "deleted",
+                "dead tup",
+                "table MiB",
+                "unord off",
+                "unord on",
+                "ord off",
+                "ord on",
+                "floor"
+            );
+            for st in &d.steps {
+                println!(
+                    "{:>10} {:>10} {:>11.0} {:>11.1} {:>11.1} {:>11.1} {:>11.1} {:>11}",
+                    st.deleted_rows,
+                    st.dead_tuples,
+                    (st.table_bytes + st.index_bytes) as f64 / 1048576.0,
+                    st.unordered_floor_off_ms,
+                    st.unordered_floor_on_ms,
+                    st.ordered_floor_off_ms,
+                    st.ordered_floor_on_ms,
+                    st.floor
+                );
+            }
+            println!(
+                "floor on, last step / 0 deleted: unordered {:.2}x, ordered {:.2}x",
+                d.ratio_last_to_zero_unordered, d.ratio_last_to_zero_ordered
             );
         }
         println!("\n## Targets");

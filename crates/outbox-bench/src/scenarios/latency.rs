@@ -332,9 +332,37 @@ pub struct SteadyWindow {
     pub received_per_sec: f64,
     /// Latency (intended send → consumer) of the messages scheduled in this window.
     pub latency: Percentiles,
+    /// COMMIT returned → consumer, of the messages scheduled in this window.
+    pub from_commit: Percentiles,
+    /// p99 of the relay's claim statement in this window (from `outbox_claim_duration_seconds`'s
+    /// buckets: the upper bound of the bucket holding the 99th percentile), in milliseconds.
+    pub claim_p99_ms: Option<f64>,
+    /// A transaction held the xmin horizon for at least part of this window.
+    pub held: bool,
     pub table_bytes: i64,
     pub index_bytes: i64,
     pub dead_tuples: i64,
+    /// Rows waiting at the end of the window.
+    pub waiting: i64,
+}
+
+/// The held-xmin phase of a steady run and what it did to the bars.
+#[derive(Debug, Clone, Serialize)]
+pub struct HoldSummary {
+    pub start_secs: f64,
+    pub secs: f64,
+    /// p99 commit → consumer over the windows before the holder began.
+    pub baseline_p99_ms: f64,
+    /// The worst window p99 (commit → consumer) while the holder was open.
+    pub held_max_window_p99_ms: f64,
+    /// 2 × baseline + 20 ms.
+    pub p99_bar_ms: f64,
+    /// The lowest share of the offered rate delivered in any full window.
+    pub min_window_delivered_pct: f64,
+    pub claim_p99_baseline_ms: Option<f64>,
+    pub claim_p99_held_max_ms: Option<f64>,
+    /// Rows waiting at the end of the first window that ends 30 s or more after the holder.
+    pub waiting_30s_after: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -344,30 +372,46 @@ pub struct SteadyResult {
     pub rate_basis: String,
     pub messages_per_tx: usize,
     pub secs: f64,
+    /// `on` (the server's stock autovacuum) or `off` (`autovacuum_enabled = false` on the
+    /// outbox tables of the benchmark database).
+    pub autovacuum: String,
     pub sent: u64,
     pub received: u64,
     pub enqueue_errors: u64,
     pub from_intended: Percentiles,
+    pub from_commit: Percentiles,
     pub send_lag: Percentiles,
     pub windows: Vec<SteadyWindow>,
+    pub hold: Option<HoldSummary>,
     pub end_table_bytes: i64,
     pub end_index_bytes: i64,
     pub end_live_tuples: i64,
     pub end_dead_tuples: i64,
     pub autovacuum_count: i64,
+    pub relay_vacuums: f64,
     pub relay_peak_rss_mib: f64,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+/// How a steady run is set up beyond its rate.
+#[derive(Debug, Clone, Default)]
+pub struct SteadySpec {
+    pub autovacuum_off: bool,
+    /// A REPEATABLE READ transaction in the benchmark database from `start` for `secs`.
+    pub hold: Option<(f64, f64)>,
+}
+
+#[derive(Debug, Clone, Default)]
 struct TableSample {
     table_bytes: i64,
     index_bytes: i64,
     live: i64,
     dead: i64,
     autovacuums: i64,
+    waiting: i64,
+    metrics: String,
 }
 
-async fn sample_table(pool: &sqlx::PgPool) -> anyhow::Result<TableSample> {
+async fn sample_table(pool: &sqlx::PgPool, metrics: Option<&str>) -> anyhow::Result<TableSample> {
     let (table_bytes, index_bytes, live, dead, autovacuums): (i64, i64, i64, i64, i64) =
         sqlx::query_as(
             "SELECT pg_table_size('outbox.messages'), pg_indexes_size('outbox.messages'),
@@ -376,13 +420,90 @@ async fn sample_table(pool: &sqlx::PgPool) -> anyhow::Result<TableSample> {
         )
         .fetch_one(pool)
         .await?;
+    let waiting: i64 =
+        sqlx::query_scalar("SELECT coalesce(sum(n), 0)::bigint FROM outbox.topic_counts")
+            .fetch_one(pool)
+            .await?;
+    let metrics = match metrics {
+        Some(addr) => outbox_testkit::http::scrape(addr).await,
+        None => String::new(),
+    };
     Ok(TableSample {
         table_bytes,
         index_bytes,
         live,
         dead,
         autovacuums,
+        waiting,
+        metrics,
     })
+}
+
+/// The relay's claim-duration buckets (upper bound in seconds, cumulative count).
+fn claim_buckets(metrics: &str) -> Vec<(f64, f64)> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("outbox_claim_duration_seconds_bucket{"))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let count: f64 = l.rsplit(' ').next()?.parse().ok()?;
+            Some((le, count))
+        })
+        .collect()
+}
+
+/// The p99 (bucket upper bound, ms) of the claims between two scrapes.
+fn claim_p99_between(before: &str, after: &str) -> Option<f64> {
+    let (a, b) = (claim_buckets(before), claim_buckets(after));
+    if b.is_empty() {
+        return None;
+    }
+    let delta: Vec<(f64, f64)> = b
+        .iter()
+        .map(|(le, n)| {
+            let prev = a
+                .iter()
+                .find(|(l, _)| l == le)
+                .map(|(_, m)| *m)
+                .unwrap_or(0.0);
+            (*le, n - prev)
+        })
+        .collect();
+    let total = delta.last().map(|(_, n)| *n).unwrap_or(0.0);
+    if total <= 0.0 {
+        return None;
+    }
+    delta
+        .iter()
+        .find(|(_, n)| *n >= 0.99 * total)
+        .map(|(le, _)| le * 1e3)
+}
+
+/// Holds the xmin horizon of the benchmark database from `start` for `secs`: a REPEATABLE READ
+/// transaction that has read the outbox, as a long report would.
+async fn hold_xmin(url: String, start: Duration, secs: Duration) -> anyhow::Result<()> {
+    use sqlx::Connection;
+    tokio::time::sleep(start).await;
+    let mut conn = sqlx::PgConnection::connect(&url).await?;
+    sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut conn)
+        .await?;
+    sqlx::query("SELECT count(*) FROM outbox.dead_letters")
+        .execute(&mut conn)
+        .await?;
+    eprintln!(
+        "  holder: REPEATABLE READ transaction open for {} s",
+        secs.as_secs()
+    );
+    tokio::time::sleep(secs).await;
+    sqlx::query("ROLLBACK").execute(&mut conn).await?;
+    eprintln!("  holder: ended");
+    Ok(())
 }
 
 pub async fn steady(
@@ -390,40 +511,83 @@ pub async fn steady(
     broker: &dyn Broker,
     rate: f64,
     basis: String,
+    spec: &SteadySpec,
 ) -> anyhow::Result<SteadyResult> {
-    let mut rig = Rig::start(o, broker, &format!("steady_{}", broker.kind())).await?;
+    // The relay serves /metrics here, for the claim's duration per window.
+    let metrics_addr = format!("127.0.0.1:{}", outbox_testkit::names::free_port());
+    let mut o = o.clone();
+    o.launcher.http_listen = metrics_addr.clone();
+    let o = &o;
+    let name = match (spec.hold.is_some(), spec.autovacuum_off) {
+        (true, _) => "heldxmin",
+        (false, true) => "steady_avoff",
+        (false, false) => "steady",
+    };
+    let mut rig = Rig::start(o, broker, &format!("{name}_{}", broker.kind())).await?;
+    if spec.autovacuum_off {
+        for table in [
+            "messages",
+            "topic_counts",
+            "claim_floor",
+            "relay_sleepers",
+            "partition_leases",
+            "relays",
+            "ordering_members",
+        ] {
+            sqlx::query(&format!(
+                "ALTER TABLE outbox.{table} SET (autovacuum_enabled = false)"
+            ))
+            .execute(&rig.db.pool)
+            .await?;
+        }
+    }
     // Table samples once per window, on their own connection.
     let sampler_pool = rig.db.pool.clone();
     let window = Duration::from_secs_f64(o.steady_window_secs);
     let stop = tokio_util::sync::CancellationToken::new();
     let sampler = {
         let stop = stop.clone();
+        let addr = metrics_addr.clone();
         tokio::spawn(async move {
             let mut samples = Vec::new();
             let mut tick = tokio::time::interval(window);
             tick.tick().await;
+            let first = sample_table(&sampler_pool, Some(&addr))
+                .await
+                .unwrap_or_default();
+            samples.push(first);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
                     _ = stop.cancelled() => break,
                 }
-                if let Ok(s) = sample_table(&sampler_pool).await {
+                if let Ok(s) = sample_table(&sampler_pool, Some(&addr)).await {
                     samples.push(s);
                 }
             }
             samples
         })
     };
+    let holder = spec.hold.map(|(start, secs)| {
+        tokio::spawn(hold_xmin(
+            rig.db.url.clone(),
+            Duration::from_secs_f64(start),
+            Duration::from_secs_f64(secs),
+        ))
+    });
     let produced = produce(o, &mut rig, rate, o.steady_secs, o.steady_batch).await;
     stop.cancel();
     let samples = sampler.await.unwrap_or_default();
+    if let Some(h) = holder {
+        h.abort();
+    }
     // Statistics reach pg_stat_user_tables within about a second.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let end = sample_table(&rig.db.pool).await;
+    let end = sample_table(&rig.db.pool, Some(&metrics_addr)).await;
     let rss = rig.finish().await;
     let p = produced?;
     let end = end?;
-    let (from_intended, _, send_lag) = summarize(&p);
+    let (from_intended, from_commit, send_lag) = summarize(&p);
 
     let window_us = (o.steady_window_secs * 1e6) as u64;
     let n_windows = (o.steady_secs / o.steady_window_secs).ceil() as usize;
@@ -435,7 +599,7 @@ pub async fn steady(
             .iter()
             .filter(|a| a.at_us >= lo && a.at_us < hi)
             .count();
-        let mut lat: Vec<u64> = p
+        let in_window: Vec<&producer::Arrival> = p
             .arrivals
             .iter()
             .filter(|a| {
@@ -446,35 +610,112 @@ pub async fn steady(
                     .as_micros() as u64;
                 intended >= lo && intended < hi
             })
-            .map(|a| a.from_intended_us)
             .collect();
-        let s = samples.get(w).copied().unwrap_or_default();
+        let mut lat: Vec<u64> = in_window.iter().map(|a| a.from_intended_us).collect();
+        let mut commit: Vec<u64> = in_window
+            .iter()
+            .filter_map(|a| {
+                p.commits
+                    .commit_lag_us(a.slot)
+                    .map(|lag| a.from_intended_us.saturating_sub(lag))
+            })
+            .collect();
+        // samples[0] is taken at the start; samples[w + 1] at the end of window w.
+        let s = samples.get(w + 1).cloned().unwrap_or_default();
+        let before = samples.get(w).map(|s| s.metrics.as_str()).unwrap_or("");
+        let start_secs = w as f64 * o.steady_window_secs;
+        let held = spec
+            .hold
+            .is_some_and(|(hs, hl)| start_secs < hs + hl && start_secs + o.steady_window_secs > hs);
         windows.push(SteadyWindow {
-            start_secs: w as f64 * o.steady_window_secs,
+            start_secs,
             received_per_sec: received as f64 / o.steady_window_secs,
             latency: percentiles(&mut lat),
+            from_commit: percentiles(&mut commit),
+            claim_p99_ms: claim_p99_between(before, &s.metrics),
+            held,
             table_bytes: s.table_bytes,
             index_bytes: s.index_bytes,
             dead_tuples: s.dead,
+            waiting: s.waiting,
         });
     }
+    let hold = spec.hold.map(|(hs, hl)| {
+        let full = |w: &&SteadyWindow| w.start_secs + o.steady_window_secs <= o.steady_secs;
+        let baseline: Vec<&SteadyWindow> = windows
+            .iter()
+            .filter(|w| w.start_secs + o.steady_window_secs <= hs)
+            .collect();
+        let mut base_commit: Vec<u64> = p
+            .arrivals
+            .iter()
+            .filter(|a| {
+                p.schedule
+                    .intended(a.slot)
+                    .saturating_duration_since(p.schedule.start)
+                    .as_secs_f64()
+                    < hs
+            })
+            .filter_map(|a| {
+                p.commits
+                    .commit_lag_us(a.slot)
+                    .map(|lag| a.from_intended_us.saturating_sub(lag))
+            })
+            .collect();
+        let baseline_p99_ms = percentiles(&mut base_commit).p99_ms;
+        let held: Vec<&SteadyWindow> = windows.iter().filter(|w| w.held).collect();
+        let max_opt = |v: Vec<Option<f64>>| {
+            v.into_iter()
+                .flatten()
+                .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))))
+        };
+        HoldSummary {
+            start_secs: hs,
+            secs: hl,
+            baseline_p99_ms,
+            held_max_window_p99_ms: held
+                .iter()
+                .map(|w| w.from_commit.p99_ms)
+                .fold(0.0, f64::max),
+            p99_bar_ms: 2.0 * baseline_p99_ms + 20.0,
+            min_window_delivered_pct: windows
+                .iter()
+                .filter(full)
+                .map(|w| 100.0 * w.received_per_sec / p.schedule.rate())
+                .fold(f64::INFINITY, f64::min),
+            claim_p99_baseline_ms: max_opt(baseline.iter().map(|w| w.claim_p99_ms).collect()),
+            claim_p99_held_max_ms: max_opt(held.iter().map(|w| w.claim_p99_ms).collect()),
+            waiting_30s_after: windows
+                .iter()
+                .find(|w| w.start_secs + o.steady_window_secs >= hs + hl + 30.0)
+                .map(|w| w.waiting),
+        }
+    });
     Ok(SteadyResult {
         sink: broker.kind().to_string(),
         target_rate: p.schedule.rate(),
         rate_basis: basis,
         messages_per_tx: p.schedule.per_slot,
         secs: o.steady_secs,
+        autovacuum: if spec.autovacuum_off { "off" } else { "on" }.into(),
         sent: p.schedule.messages(),
         received: p.arrivals.len() as u64,
         enqueue_errors: p.commits.errors.load(std::sync::atomic::Ordering::Relaxed),
         from_intended,
+        from_commit,
         send_lag,
         windows,
+        hold,
         end_table_bytes: end.table_bytes,
         end_index_bytes: end.index_bytes,
         end_live_tuples: end.live,
         end_dead_tuples: end.dead,
         autovacuum_count: end.autovacuums,
+        relay_vacuums: outbox_testkit::http::metric_or_zero(
+            &end.metrics,
+            "outbox_vacuums_total",
+            &[("result", "done")],
+        ),
         relay_peak_rss_mib: rss,
     })
 }

@@ -3,6 +3,7 @@
 
 pub mod enqueue;
 pub mod latency;
+pub mod storage;
 pub mod throughput;
 
 use std::time::Duration;
@@ -35,6 +36,15 @@ pub struct Opts {
     /// Messages per transaction of the steady state and of the maximum-rate run before it.
     pub steady_batch: usize,
     pub max_rate_secs: f64,
+    /// Deleted-row counts of the `deadrows` scenario (cumulative).
+    pub dead_rows: Vec<u64>,
+    /// The held-xmin scenario: rate, baseline before the holder, the holder's time, time after.
+    pub hold_rate: f64,
+    pub hold_baseline_secs: f64,
+    pub hold_secs: f64,
+    pub hold_after_secs: f64,
+    /// The steady state's autovacuum settings to run (on, off).
+    pub steady_autovacuum: Vec<String>,
     pub launcher: RelayLauncher,
 }
 
