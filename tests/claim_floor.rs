@@ -301,3 +301,70 @@ async fn a_cached_sequence_turns_the_floor_off() {
     }
     assert_eq!(store::floor::read(&db.pool).await.unwrap(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_read_only_transaction_does_not_hold_the_floor_and_ids_stay_idempotent_below_it() {
+    let db = TestDb::new().await;
+    let mut conn = db.pool.acquire().await.unwrap().detach();
+    // A report in REPEATABLE READ that has read the outbox: it holds the xmin horizon (vacuum
+    // may not remove what is deleted after it), not the floor.
+    let mut report = PgConnection::connect(&db.url).await.unwrap();
+    let mut report_tx = report.begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *report_tx)
+        .await
+        .unwrap();
+    sqlx::query("SELECT count(*) FROM outbox.messages")
+        .execute(&mut *report_tx)
+        .await
+        .unwrap();
+    // A delayed row (set aside) with a known message id, then rows delivered after it.
+    let kept: i64 = sqlx::query_scalar(
+        "SELECT id FROM outbox.enqueue('f.x', 'later'::bytea, p_message_id => 'kept-1',
+                                       p_available_at => now() + interval '1 hour')",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    enqueue(&db, "f.x", None, 100).await;
+    sqlx::query("DELETE FROM outbox.messages WHERE id > $1")
+        .bind(kept)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let floor = raise(&mut conn).await;
+    assert!(floor > kept + 100, "the floor rose past the deleted rows");
+
+    // Enqueueing the kept message id again finds the row below the floor.
+    let (id, inserted): (i64, bool) = sqlx::query_as(
+        "SELECT id, inserted FROM outbox.enqueue('f.x', 'again'::bytea, p_message_id => 'kept-1')",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((id, inserted), (kept, false));
+    report_tx.rollback().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relays_vacuum_skips_a_conflicting_lock_and_blocks_no_enqueue_or_claim() {
+    use outbox_relay::store::vacuum::{vacuum, Vacuumed};
+    let db = TestDb::new().await;
+    // A session holds a lock that conflicts with VACUUM's (as another VACUUM, an ANALYZE or an
+    // index build would).
+    let mut holder = PgConnection::connect(&db.url).await.unwrap();
+    let mut holder_tx = holder.begin().await.unwrap();
+    sqlx::query("LOCK TABLE outbox.messages IN SHARE UPDATE EXCLUSIVE MODE")
+        .execute(&mut *holder_tx)
+        .await
+        .unwrap();
+    let mut conn = db.pool.acquire().await.unwrap().detach();
+    let vacuuming = tokio::spawn(async move { vacuum(&mut conn).await });
+    // Enqueue and claim meanwhile: neither conflicts with the lock nor with the waiting VACUUM.
+    let ids = enqueue(&db, "f.x", None, 3).await;
+    assert_eq!(claim_ids(&db, 0).await, ids);
+    assert_eq!(vacuuming.await.unwrap().unwrap(), Vacuumed::SkippedLocked);
+    holder_tx.rollback().await.unwrap();
+    let mut conn = db.pool.acquire().await.unwrap().detach();
+    assert_eq!(vacuum(&mut conn).await.unwrap(), Vacuumed::Done);
+}

@@ -25,7 +25,7 @@ fn alert_rules_pass_promtool_check_and_unit_tests() {
         .arg(deploy("prometheus/alerts.yml")));
     assert!(ok, "promtool check rules failed:\n{out}");
     assert!(
-        out.contains("SUCCESS: 7 rules found"),
+        out.contains("SUCCESS: 8 rules found"),
         "expected the 7 alert rules:\n{out}"
     );
 
@@ -264,7 +264,7 @@ fn every_alert_has_a_runbook_url_naming_a_section_of_operations_md() {
             last.1 = Some(url.trim_matches('"').to_string());
         }
     }
-    assert_eq!(rules.len(), 7, "{rules:?}");
+    assert_eq!(rules.len(), 8, "{rules:?}");
     for (alert, url) in &rules {
         let url = url
             .as_deref()

@@ -25,30 +25,36 @@ struct MemoryRelay {
     metrics: Arc<Metrics>,
 }
 
+/// The configuration of a relay publishing `topics` to the memory sink `sink`.
+fn memory_config(db: &TestDb, sink: &str, topics: &[&str], ordered: bool) -> Config {
+    let mut config = Config::default();
+    config.database.url = db.url.clone();
+    config.http.listen = String::new();
+    config.relay.retry_initial_ms = 20;
+    config.relay.retry_max_secs = 1;
+    config.relay.max_attempts = 3;
+    config.relay.idle_poll_ms = 5;
+    config.relay.poll_interval_ms = 50;
+    config.ordering.enabled = ordered;
+    config.cluster.heartbeat_ms = 100;
+    config.cluster.lease_ms = 1_000;
+    config.sinks = BTreeMap::from([(
+        sink.to_string(),
+        SinkConfig::Memory(MemoryConfig {
+            routes: vec![MemoryRoute {
+                topics: topics.iter().map(|t| t.to_string()).collect(),
+                destination: "{topic}".into(),
+            }],
+            deduplicate: true,
+        }),
+    )]);
+    config.validate().unwrap();
+    config
+}
+
 impl MemoryRelay {
     async fn start(db: &TestDb, sink: &str, topics: &[&str], ordered: bool) -> Self {
-        let mut config = Config::default();
-        config.database.url = db.url.clone();
-        config.http.listen = String::new();
-        config.relay.retry_initial_ms = 20;
-        config.relay.retry_max_secs = 1;
-        config.relay.max_attempts = 3;
-        config.relay.idle_poll_ms = 5;
-        config.relay.poll_interval_ms = 50;
-        config.ordering.enabled = ordered;
-        config.cluster.heartbeat_ms = 100;
-        config.cluster.lease_ms = 1_000;
-        config.sinks = BTreeMap::from([(
-            sink.to_string(),
-            SinkConfig::Memory(MemoryConfig {
-                routes: vec![MemoryRoute {
-                    topics: topics.iter().map(|t| t.to_string()).collect(),
-                    destination: "{topic}".into(),
-                }],
-                deduplicate: true,
-            }),
-        )]);
-        config.validate().unwrap();
+        let config = memory_config(db, sink, topics, ordered);
         let pool = outbox_relay::relay::connect_with_retry(&config, &CancellationToken::new())
             .await
             .unwrap();
@@ -369,4 +375,167 @@ async fn a_relay_that_cannot_publish_gives_its_ordering_slots_to_the_others() {
     broken.stop().await;
     MemorySink::unregister(&good);
     MemorySink::unregister(&bad);
+}
+
+/// A relay in a runtime of its own, on a thread of its own, so that it can crash: shutting the
+/// runtime down drops every task mid-flight and closes its connections, and PostgreSQL rolls
+/// its claims back, as when the process dies.
+struct CrashableRelay {
+    crash: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CrashableRelay {
+    fn start(config: Config) -> Self {
+        let (crash, crashed) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.spawn(async move {
+                let pool =
+                    outbox_relay::relay::connect_with_retry(&config, &CancellationToken::new())
+                        .await
+                        .unwrap();
+                let relay = Relay::build(
+                    &config,
+                    pool,
+                    Arc::new(Metrics::new()),
+                    CancellationToken::new(),
+                )
+                .await
+                .unwrap();
+                relay.run().await;
+            });
+            let _ = crashed.recv();
+            runtime.shutdown_background();
+        });
+        Self {
+            crash: Some(crash),
+            thread: Some(thread),
+        }
+    }
+
+    fn crash(&mut self) {
+        if let Some(crash) = self.crash.take() {
+            let _ = crash.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for CrashableRelay {
+    fn drop(&mut self) {
+        self.crash();
+    }
+}
+
+/// The claim floor under everything at once: enqueuers whose transactions stay open a while
+/// (the floor must wait for them), delayed rows and retried rows (set aside below the floor),
+/// two ordered relays, one of which crashes half-way and is replaced. Every message arrives,
+/// and every key's messages arrive in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_floor_under_concurrent_enqueue_delays_retries_and_a_relay_crash_loses_nothing_and_keeps_key_order(
+) {
+    use outbox_testkit::ordering::{payload, Arrival, OrderChecker};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const TASKS: usize = 3;
+    const TXS: usize = 40;
+    const ROWS: usize = 5;
+    const KEYS_PER_TASK: usize = 4;
+    let db = TestDb::new().await;
+    let name = unique("mem");
+    let sink = MemorySink::shared(&name);
+    let topic = unique("t");
+    let mut crashing = CrashableRelay::start(memory_config(&db, &name, &[&topic], true));
+    let steady = MemoryRelay::start(&db, &name, &[&topic], true).await;
+
+    let committed = Arc::new(AtomicUsize::new(0));
+    let producers: Vec<_> = (0..TASKS)
+        .map(|task| {
+            let (pool, topic, sink, committed) = (
+                db.pool.clone(),
+                topic.clone(),
+                MemorySink::shared(&name),
+                Arc::clone(&committed),
+            );
+            tokio::spawn(async move {
+                let mut next = [0u32; KEYS_PER_TASK];
+                for t in 0..TXS {
+                    let mut tx = pool.begin().await.unwrap();
+                    for r in 0..ROWS {
+                        let n = t * ROWS + r;
+                        let k = n % KEYS_PER_TASK;
+                        let key = format!("p{task}k{k}");
+                        let id = uuid::Uuid::now_v7().to_string();
+                        let mut m = Message::bytes(&topic, payload(&key, next[k]))
+                            .key(&key)
+                            .message_id(&id);
+                        next[k] += 1;
+                        if n % 11 == 3 {
+                            m = m.available_at(
+                                chrono::Utc::now() + chrono::Duration::milliseconds(300),
+                            );
+                        }
+                        if n % 9 == 4 {
+                            sink.fail(id, ErrorKind::Retriable, 1);
+                        }
+                        enqueue(&mut tx, &m).await.unwrap();
+                    }
+                    if t % 8 == 0 {
+                        // An application transaction that stays open after its enqueue.
+                        tokio::time::sleep(Duration::from_millis(60)).await;
+                    }
+                    tx.commit().await.unwrap();
+                    committed.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+
+    wait_until(
+        Duration::from_secs(60),
+        "half the transactions committed",
+        || {
+            let committed = Arc::clone(&committed);
+            async move { committed.load(Ordering::SeqCst) >= TASKS * TXS / 2 }
+        },
+    )
+    .await;
+    crashing.crash();
+    let replacement = MemoryRelay::start(&db, &name, &[&topic], true).await;
+    for p in producers {
+        p.await.unwrap();
+    }
+
+    let total = TASKS * TXS * ROWS;
+    let delivered = sink.wait_delivered(total, Duration::from_secs(90)).await;
+    let mut checker = OrderChecker::default();
+    for m in &delivered {
+        checker.check(&Arrival {
+            key: m.key.clone(),
+            message_id: m.message_id.clone(),
+            payload: m.payload.clone(),
+        });
+    }
+    assert!(checker.violations.is_empty(), "{:?}", checker.violations);
+    assert_eq!(checker.delivered, total, "every message delivered once");
+    let expected = (TXS * ROWS / KEYS_PER_TASK) as u32;
+    assert!(
+        checker.per_key().values().all(|n| *n == expected),
+        "{:?}",
+        checker.per_key()
+    );
+    wait_until(Duration::from_secs(30), "the outbox is empty", || async {
+        db.waiting().await == 0
+    })
+    .await;
+    steady.stop().await;
+    replacement.stop().await;
+    MemorySink::unregister(&name);
 }

@@ -75,13 +75,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> crate::Result<(
         let result = async {
             store::check_schema(&pool).await?;
             if !store::autovacuum_on(&pool).await {
-                // Every outbox row is inserted once and deleted once: without autovacuum the
-                // table and its indexes only grow and the claim slows down with them.
-                tracing::warn!(
-                    "autovacuum is off on this PostgreSQL server: outbox.messages will bloat (every row is \
-                     inserted and deleted once) and claims will slow down; turn autovacuum on, or run \
-                     VACUUM outbox.messages regularly"
-                );
+                // Every outbox row is inserted once and deleted once: without vacuum the table
+                // and its indexes only grow.
+                if config.relay.vacuum_when_autovacuum_off {
+                    tracing::warn!(
+                        "autovacuum is off on this PostgreSQL server: the relay vacuums the outbox \
+                         tables itself (relay.vacuum_when_autovacuum_off); the application's own \
+                         tables still need it"
+                    );
+                } else {
+                    tracing::warn!(
+                        "autovacuum is off on this PostgreSQL server and relay.vacuum_when_autovacuum_off \
+                         is false: outbox.messages will grow without bound; turn either on, or run \
+                         VACUUM outbox.messages regularly"
+                    );
+                }
             }
             let relay = Relay::build(&config, pool.clone(), metrics, shutdown.clone()).await?;
             http_state.set_running(pool.clone(), Arc::clone(&relay.dispatcher));
