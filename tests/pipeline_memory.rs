@@ -539,3 +539,71 @@ async fn the_floor_under_concurrent_enqueue_delays_retries_and_a_relay_crash_los
     replacement.stop().await;
     MemorySink::unregister(&name);
 }
+
+/// A relay with one sink down while another relay reaches that sink gives its ordering slots to
+/// the others; when the broker is down for every relay, nobody yields (each still publishes its
+/// other sinks' keys). The heartbeat's own statements, against a real database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_with_a_sink_down_that_another_relay_reaches_yields_its_slots() {
+    use outbox_relay::store::cluster::{heartbeat, Leases, Report, SinkHealth};
+    let db = TestDb::new().await;
+    let (a, b) = (
+        outbox_relay::cluster::new_identity(),
+        outbox_relay::cluster::new_identity(),
+    );
+    let report = |x_up: bool| Report {
+        sinks: vec![
+            SinkHealth {
+                sink: "x".into(),
+                kind: "nats".into(),
+                up: x_up,
+                error: (!x_up).then(|| "not connected".into()),
+            },
+            SinkHealth {
+                sink: "y".into(),
+                kind: "amqp".into(),
+                up: true,
+                error: None,
+            },
+        ],
+        publish_rates: Default::default(),
+    };
+    let leases = Some(Leases {
+        lease: Duration::from_secs(30),
+        slots: outbox_relay::store::SLOTS,
+        eligible: true,
+    });
+    let beat = |id: outbox_relay::store::cluster::Identity, x_up: bool| {
+        let pool = db.pool.clone();
+        let report = report(x_up);
+        async move {
+            let mut conn = pool.acquire().await.unwrap();
+            let (interval, expiry) = (Duration::from_secs(1), Duration::from_secs(20));
+            heartbeat(&mut conn, &id, interval, expiry, &report, leases)
+                .await
+                .unwrap()
+        }
+    };
+    // Both reach x: the slots are split.
+    beat(a.clone(), true).await;
+    beat(b.clone(), true).await;
+    let a1 = beat(a.clone(), true).await;
+    assert!(!a1.yielded && !a1.owned.is_empty());
+
+    // x is down for a only: a yields, b takes every slot.
+    let a2 = beat(a.clone(), false).await;
+    assert!(a2.yielded, "a relay that cannot reach x while b can keeps no slot");
+    assert!(a2.owned.is_empty());
+    let b2 = beat(b.clone(), true).await;
+    assert_eq!(b2.owned.len(), outbox_relay::store::SLOTS);
+
+    // x is down for both: nobody yields, the slots are split again.
+    let b3 = beat(b.clone(), false).await;
+    assert!(!b3.yielded);
+    let a3 = beat(a.clone(), false).await;
+    assert!(!a3.yielded);
+    let b4 = beat(b.clone(), false).await;
+    assert!(!b4.yielded && b4.owned.len() < outbox_relay::store::SLOTS);
+    let a4 = beat(a.clone(), false).await;
+    assert!(!a4.owned.is_empty(), "a takes slots again");
+}

@@ -93,6 +93,7 @@ impl Member {
         let mut last: Option<(i64, usize)> = None;
         let mut failing = false;
         let mut last_eligible = true;
+        let mut last_yielded = false;
         // When the slots of the last successful heartbeat lapse: from then on the claims use
         // none of them, and `outbox_partitions_owned` must say so while heartbeats fail.
         let mut lease_until: Option<Instant> = None;
@@ -135,6 +136,14 @@ impl Member {
                     failing = false;
                     ctx.metrics.relay_instances.set(beat.live_relays);
                     if let Some(slots) = &self.slots {
+                        if beat.yielded != last_yielded {
+                            if beat.yielded {
+                                tracing::warn!(relay_id = %id.relay_id, "a sink of this relay is down while another relay can publish to it: giving this relay's ordering slots to the others");
+                            } else {
+                                tracing::info!(relay_id = %id.relay_id, "taking ordering slots again: no sink of this relay is down where another relay can publish");
+                            }
+                            last_yielded = beat.yielded;
+                        }
                         if last != Some((beat.members, beat.owned.len())) {
                             tracing::info!(relay_id = %id.relay_id, live_relays = beat.members, target = beat.target,
                                 owned = beat.owned.len(), "ordering slots rebalanced");

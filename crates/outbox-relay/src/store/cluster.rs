@@ -50,6 +50,9 @@ pub struct Beat {
     pub target: usize,
     /// The slots this relay holds after the beat, sorted.
     pub owned: Vec<i16>,
+    /// This relay gave its slots up because a sink it cannot reach is up for another live
+    /// ordering member: the keys of that sink's topics go to a relay that can publish them.
+    pub yielded: bool,
 }
 
 /// One heartbeat, in one transaction: upsert this relay's `outbox.relays` row, delete the rows of
@@ -89,7 +92,11 @@ pub async fn heartbeat(
         live_relays,
         ..Beat::default()
     };
-    if let Some(leases) = leases {
+    if let Some(mut leases) = leases {
+        if leases.eligible && down_here_up_elsewhere(&mut tx, &me.relay_id, expiry).await? {
+            leases.eligible = false;
+            beat.yielded = true;
+        }
         let (members, target, owned) = renew_leases(&mut tx, me, leases).await?;
         beat.members = members;
         beat.target = target;
@@ -97,6 +104,34 @@ pub async fn heartbeat(
     }
     tx.commit().await?;
     Ok(beat)
+}
+
+/// Whether a sink this relay reports down is reported up by another live relay that takes part
+/// in the slot split: then that relay can publish the keys this one holds and cannot, so this
+/// one yields its slots. When a broker is down for every relay, none yields (each still
+/// publishes its other sinks' keys).
+async fn down_here_up_elsewhere(
+    conn: &mut PgConnection,
+    relay_id: &str,
+    expiry: Duration,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (
+           SELECT 1
+             FROM outbox.relays me CROSS JOIN LATERAL jsonb_array_elements(me.sinks) mine,
+                  outbox.relays other CROSS JOIN LATERAL jsonb_array_elements(other.sinks) theirs
+            WHERE me.relay_id = $1 AND other.relay_id <> $1
+              AND other.heartbeat_at > now() - $2 * interval '1 millisecond'
+              AND other.relay_id IN (SELECT m.relay_id FROM outbox.ordering_members m
+                                      WHERE m.expires_at > now())
+              AND (mine->>'up')::boolean IS NOT TRUE
+              AND theirs->>'sink' = mine->>'sink'
+              AND (theirs->>'up')::boolean)",
+    )
+    .bind(relay_id)
+    .bind(expiry.as_millis() as i64)
+    .fetch_one(conn)
+    .await
 }
 
 async fn renew_leases(
