@@ -592,7 +592,10 @@ async fn a_relay_with_a_sink_down_that_another_relay_reaches_yields_its_slots() 
 
     // x is down for a only: a yields, b takes every slot.
     let a2 = beat(a.clone(), false).await;
-    assert!(a2.yielded, "a relay that cannot reach x while b can keeps no slot");
+    assert!(
+        a2.yielded,
+        "a relay that cannot reach x while b can keeps no slot"
+    );
     assert!(a2.owned.is_empty());
     let b2 = beat(b.clone(), true).await;
     assert_eq!(b2.owned.len(), outbox_relay::store::SLOTS);
