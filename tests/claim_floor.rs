@@ -41,6 +41,22 @@ async fn enqueue(db: &TestDb, topic: &str, key: Option<&str>, n: usize) -> Vec<i
     ids.into_iter().map(|e| e.id).collect()
 }
 
+/// Schedules row `id` for a retry an hour ahead, as a failed attempt does.
+async fn retry_in_an_hour(db: &TestDb, id: i64) {
+    let mut tx = db.pool.begin().await.unwrap();
+    store::schedule_retries(
+        &mut tx,
+        &[store::Retry {
+            id,
+            delay: std::time::Duration::from_secs(3600),
+            error: "broker down".into(),
+        }],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+}
+
 async fn delete_all(db: &TestDb) {
     sqlx::query("DELETE FROM outbox.messages")
         .execute(&db.pool)
@@ -134,18 +150,7 @@ async fn set_aside_rows_below_the_floor_are_claimed_when_due() {
     .await
     .unwrap();
     let retried = enqueue(&db, "f.x", None, 1).await[0];
-    let mut tx = db.pool.begin().await.unwrap();
-    store::schedule_retries(
-        &mut tx,
-        &[store::Retry {
-            id: retried,
-            delay: std::time::Duration::from_secs(3600),
-            error: "broker down".into(),
-        }],
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    retry_in_an_hour(&db, retried).await;
     let fresh = enqueue(&db, "f.x", None, 20).await;
     sqlx::query("DELETE FROM outbox.messages WHERE id = ANY($1)")
         .bind(&fresh)
@@ -208,18 +213,7 @@ async fn the_ordered_claim_sees_a_set_aside_row_below_the_floor_as_its_keys_head
     // Key k: its first row is retried (set aside), then fresh rows are delivered, then more
     // rows of k and of another key arrive above the floor.
     let head = enqueue(&db, "f.x", Some("k"), 1).await[0];
-    let mut tx = db.pool.begin().await.unwrap();
-    store::schedule_retries(
-        &mut tx,
-        &[store::Retry {
-            id: head,
-            delay: std::time::Duration::from_secs(3600),
-            error: "broker down".into(),
-        }],
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    retry_in_an_hour(&db, head).await;
     let gone = enqueue(&db, "f.x", None, 20).await;
     sqlx::query("DELETE FROM outbox.messages WHERE id = ANY($1)")
         .bind(&gone)

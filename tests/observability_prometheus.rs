@@ -173,7 +173,7 @@ async fn dashboard_and_alert_queries_return_series_from_a_real_prometheus() {
             )
         })
         .collect();
-    assert_eq!(alerts.len(), 7, "alerts.yml has 7 rules: {alerts:?}");
+    assert_eq!(alerts.len(), 8, "alerts.yml has 8 rules: {alerts:?}");
 
     // The relay variable set to All, as dashboard_queries sets the topic variable.
     let dashboard: serde_json::Value = serde_json::from_str(

@@ -204,16 +204,29 @@ async fn produce(
     })
 }
 
+impl Produced {
+    /// COMMIT returned → consumer, of one arrival (when its commit was recorded).
+    fn from_commit_us(&self, a: &producer::Arrival) -> Option<u64> {
+        self.commits
+            .commit_lag_us(a.slot)
+            .map(|lag| a.from_intended_us.saturating_sub(lag))
+    }
+
+    /// When an arrival was meant to be sent, in microseconds since the schedule's start.
+    fn intended_us(&self, a: &producer::Arrival) -> u64 {
+        self.schedule
+            .intended(a.slot)
+            .saturating_duration_since(self.schedule.start)
+            .as_micros() as u64
+    }
+}
+
 fn summarize(p: &Produced) -> (Percentiles, Percentiles, Percentiles) {
     let mut from_intended: Vec<u64> = p.arrivals.iter().map(|a| a.from_intended_us).collect();
     let mut from_commit: Vec<u64> = p
         .arrivals
         .iter()
-        .filter_map(|a| {
-            p.commits
-                .commit_lag_us(a.slot)
-                .map(|lag| a.from_intended_us.saturating_sub(lag))
-        })
+        .filter_map(|a| p.from_commit_us(a))
         .collect();
     let mut lag: Vec<u64> = (0..p.schedule.slots)
         .filter_map(|s| p.commits.commit_lag_us(s))
@@ -602,23 +615,12 @@ pub async fn steady(
         let in_window: Vec<&producer::Arrival> = p
             .arrivals
             .iter()
-            .filter(|a| {
-                let intended = p
-                    .schedule
-                    .intended(a.slot)
-                    .saturating_duration_since(p.schedule.start)
-                    .as_micros() as u64;
-                intended >= lo && intended < hi
-            })
+            .filter(|a| (lo..hi).contains(&p.intended_us(a)))
             .collect();
         let mut lat: Vec<u64> = in_window.iter().map(|a| a.from_intended_us).collect();
         let mut commit: Vec<u64> = in_window
             .iter()
-            .filter_map(|a| {
-                p.commits
-                    .commit_lag_us(a.slot)
-                    .map(|lag| a.from_intended_us.saturating_sub(lag))
-            })
+            .filter_map(|a| p.from_commit_us(a))
             .collect();
         // samples[0] is taken at the start; samples[w + 1] at the end of window w.
         let s = samples.get(w + 1).cloned().unwrap_or_default();
@@ -649,18 +651,8 @@ pub async fn steady(
         let mut base_commit: Vec<u64> = p
             .arrivals
             .iter()
-            .filter(|a| {
-                p.schedule
-                    .intended(a.slot)
-                    .saturating_duration_since(p.schedule.start)
-                    .as_secs_f64()
-                    < hs
-            })
-            .filter_map(|a| {
-                p.commits
-                    .commit_lag_us(a.slot)
-                    .map(|lag| a.from_intended_us.saturating_sub(lag))
-            })
+            .filter(|a| (p.intended_us(a) as f64) < hs * 1e6)
+            .filter_map(|a| p.from_commit_us(a))
             .collect();
         let baseline_p99_ms = percentiles(&mut base_commit).p99_ms;
         let held: Vec<&SteadyWindow> = windows.iter().filter(|w| w.held).collect();
