@@ -206,7 +206,7 @@ async fn produce(
 
 impl Produced {
     /// COMMIT returned → consumer, of one arrival (when its commit was recorded).
-    fn from_commit_us(&self, a: &producer::Arrival) -> Option<u64> {
+    fn commit_to_arrival_us(&self, a: &producer::Arrival) -> Option<u64> {
         self.commits
             .commit_lag_us(a.slot)
             .map(|lag| a.from_intended_us.saturating_sub(lag))
@@ -226,7 +226,7 @@ fn summarize(p: &Produced) -> (Percentiles, Percentiles, Percentiles) {
     let mut from_commit: Vec<u64> = p
         .arrivals
         .iter()
-        .filter_map(|a| p.from_commit_us(a))
+        .filter_map(|a| p.commit_to_arrival_us(a))
         .collect();
     let mut lag: Vec<u64> = (0..p.schedule.slots)
         .filter_map(|s| p.commits.commit_lag_us(s))
@@ -620,7 +620,7 @@ pub async fn steady(
         let mut lat: Vec<u64> = in_window.iter().map(|a| a.from_intended_us).collect();
         let mut commit: Vec<u64> = in_window
             .iter()
-            .filter_map(|a| p.from_commit_us(a))
+            .filter_map(|a| p.commit_to_arrival_us(a))
             .collect();
         // samples[0] is taken at the start; samples[w + 1] at the end of window w.
         let s = samples.get(w + 1).cloned().unwrap_or_default();
@@ -652,7 +652,7 @@ pub async fn steady(
             .arrivals
             .iter()
             .filter(|a| (p.intended_us(a) as f64) < hs * 1e6)
-            .filter_map(|a| p.from_commit_us(a))
+            .filter_map(|a| p.commit_to_arrival_us(a))
             .collect();
         let baseline_p99_ms = percentiles(&mut base_commit).p99_ms;
         let held: Vec<&SteadyWindow> = windows.iter().filter(|w| w.held).collect();
