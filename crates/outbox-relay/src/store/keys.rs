@@ -78,19 +78,7 @@ pub async fn parked_keys(
     .bind(limit)
     .fetch_all(conn)
     .await?;
-    rows.into_iter()
-        .map(|r| {
-            Ok(ParkedKey {
-                key: r.try_get("key")?,
-                topic: r.try_get("topic")?,
-                dead_id: r.try_get("dead_id")?,
-                message_id: r.try_get("message_id")?,
-                reason: r.try_get("reason")?,
-                parked_at: r.try_get("parked_at")?,
-                waiting: r.try_get("waiting")?,
-            })
-        })
-        .collect()
+    rows.iter().map(parked_key).collect()
 }
 
 /// Held-back and parked keys per topic, for the gauges.
@@ -128,19 +116,20 @@ pub async fn parked_matching(
     .bind(topics)
     .fetch_all(conn)
     .await?;
-    rows.into_iter()
-        .map(|r| {
-            Ok(ParkedKey {
-                key: r.try_get("key")?,
-                topic: r.try_get("topic")?,
-                dead_id: r.try_get("dead_id")?,
-                message_id: r.try_get("message_id")?,
-                reason: r.try_get("reason")?,
-                parked_at: r.try_get("parked_at")?,
-                waiting: r.try_get("waiting")?,
-            })
-        })
-        .collect()
+    rows.iter().map(parked_key).collect()
+}
+
+/// Maps a row of the parked-key statements to a [`ParkedKey`].
+fn parked_key(r: &sqlx::postgres::PgRow) -> Result<ParkedKey, sqlx::Error> {
+    Ok(ParkedKey {
+        key: r.try_get("key")?,
+        topic: r.try_get("topic")?,
+        dead_id: r.try_get("dead_id")?,
+        message_id: r.try_get("message_id")?,
+        reason: r.try_get("reason")?,
+        parked_at: r.try_get("parked_at")?,
+        waiting: r.try_get("waiting")?,
+    })
 }
 
 /// Unparks exactly these keys (their dead letters stay); returns the keys that were parked.
