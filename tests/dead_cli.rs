@@ -1,4 +1,4 @@
-//! `outbox-relay dead list|show|retry|purge` and `outbox-relay keys release` against a real
+//! `outbox-relay dead list|show|retry|purge` and `outbox-relay keys release|skip` against a real
 //! database (guarantees.md, "Dead letters"; docs/operations.md), and a retried dead letter
 //! delivered by the real relay.
 
@@ -738,6 +738,91 @@ async fn keys_release_by_key_by_topic_or_both() {
     assert!(stderr(&nothing).contains("no key is parked for topic \"t9\""));
     let usage = cli(&db, &["keys", "release"]);
     assert_eq!(usage.status.code(), Some(2), "a key or --topic is required");
+}
+
+/// `keys skip` takes `--topic` like `keys release` (it acts only when what blocks the key is of
+/// that topic) and `--dry-run` (says what it would do, changes nothing); it dead-letters a
+/// held-back key's failing head and unparks a parked key, in text or JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_skip_by_key_with_topic_and_dry_run() {
+    let db = TestDb::new().await;
+    // "held": its oldest message failed once and waits for a retry; a second one waits behind.
+    sqlx::query(
+        "INSERT INTO outbox.messages (message_id, topic, key, payload, available_at, attempts, last_error)
+         VALUES ('held-1', 't1', 'held', 'a', now() + interval '1 hour', 1, 'broker said no'),
+                ('held-2', 't1', 'held', 'b', now(), 0, NULL)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO outbox.parked_keys (key, topic, dead_id, message_id, reason)
+         VALUES ('parked', 't2', 7, 'mid-7', 'broker said no')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let state = || async {
+        let waiting: Vec<String> =
+            sqlx::query_scalar("SELECT message_id FROM outbox.messages ORDER BY id")
+                .fetch_all(&db.pool)
+                .await
+                .unwrap();
+        let parked: Vec<String> = sqlx::query_scalar("SELECT key FROM outbox.parked_keys")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+        (waiting, parked)
+    };
+    let before = state().await;
+    assert_eq!(before, (vec!["held-1".into(), "held-2".into()], vec!["parked".into()]));
+
+    let dry = cli(&db, &["keys", "skip", "held", "--dry-run"]);
+    assert!(dry.status.success(), "{}", stderr(&dry));
+    assert!(
+        stdout(&dry).contains("key \"held\" (topic t1): message held-1 would be dead-lettered")
+            && stdout(&dry).contains("nothing changed"),
+        "{}",
+        stdout(&dry)
+    );
+    assert_eq!(state().await, before, "--dry-run changes nothing");
+
+    let wrong = cli(&db, &["keys", "skip", "held", "--topic", "t2"]);
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(
+        stderr(&wrong).contains("key \"held\" is blocked on topic \"t1\", not \"t2\"")
+            && stderr(&wrong).contains("keys skip held --topic t1"),
+        "{}",
+        stderr(&wrong)
+    );
+    assert_eq!(state().await, before, "a topic mismatch changes nothing");
+
+    let held = json(&cli(&db, &["keys", "skip", "held", "--topic", "t1", "--json"]));
+    assert_eq!(held["dead_lettered"], "held-1", "{held}");
+    assert_eq!(held["dry_run"], false);
+    let dead: Vec<String> = sqlx::query_scalar(
+        "SELECT message_id FROM outbox.dead_letters WHERE last_error LIKE 'skipped by an operator%'",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(dead, vec!["held-1"]);
+
+    let parked = cli(&db, &["keys", "skip", "parked", "--topic", "t2"]);
+    assert!(parked.status.success(), "{}", stderr(&parked));
+    assert!(
+        stdout(&parked).contains("key \"parked\" (topic t2): unparked"),
+        "{}",
+        stdout(&parked)
+    );
+    assert_eq!(state().await, (vec!["held-2".into()], vec![]));
+
+    // Nothing blocks either key now: held-2 has never failed and nothing is parked.
+    for key in ["held", "parked"] {
+        let nothing = cli(&db, &["keys", "skip", key]);
+        assert_eq!(nothing.status.code(), Some(1));
+        assert!(stderr(&nothing).contains("nothing to skip"), "{}", stderr(&nothing));
+    }
 }
 
 /// A retried dead letter is published by the relay like any other row.

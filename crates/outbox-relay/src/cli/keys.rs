@@ -6,8 +6,9 @@
 //!   the topics, or the named keys only if parked for the topics (the parked list is keyed by
 //!   key and shows its topic); the dead letters stay in `outbox.dead_letters` (see
 //!   `outbox-relay dead`), the keys' later messages flow again.
-//! - `skip <key>`: gives up on what blocks the key: if its oldest message waits for a retry,
-//!   that message is dead-lettered now ("skipped by an operator"); a parked key is unparked.
+//! - `skip <key> [--topic <topic>] [--dry-run]`: gives up on what blocks the key: if its oldest
+//!   message waits for a retry, that message is dead-lettered now ("skipped by an operator"); a
+//!   parked key is unparked; with --topic, only if what blocks it belongs to that topic.
 
 use clap::Subcommand;
 use sqlx::PgPool;
@@ -45,8 +46,18 @@ pub enum KeysCommand {
     },
     /// Dead-letter the key's failing oldest message now (if it waits for a retry) and unpark it.
     Skip {
-        /// The key, exactly as enqueued.
+        /// The key, exactly as enqueued (the KEY column of `keys list`).
+        #[arg(value_name = "KEY")]
         key: String,
+        /// Only if what blocks the key belongs to this topic (the TOPIC column of `keys list`).
+        #[arg(long, value_name = "TOPIC")]
+        topic: Option<String>,
+        /// Print what would be skipped and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -127,19 +138,41 @@ pub async fn run(pool: &PgPool, command: KeysCommand) -> anyhow::Result<()> {
             dry_run,
             json,
         } => release(pool, &keys, &topic, dry_run, json).await?,
-        KeysCommand::Skip { key } => {
+        KeysCommand::Skip {
+            key,
+            topic,
+            dry_run,
+            json,
+        } => {
             let mut conn = pool.acquire().await?;
-            let s = sql::skip(&mut conn, &key).await?;
-            if let Some(m) = &s.dead_lettered {
-                println!("key {key:?}: message {m} dead-lettered (skipped)");
+            let s = sql::skip(&mut conn, &key, topic.as_deref(), dry_run).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", render_skipped(&s));
             }
-            if s.unparked {
-                println!("key {key:?}: unparked");
-            }
-            println!("key {key:?}: its later messages flow again");
         }
     }
     Ok(())
+}
+
+/// What `keys skip` did, one line per step, in the tense of `--dry-run`.
+fn render_skipped(s: &sql::Skipped) -> String {
+    let (key, topic) = (&s.key, &s.topic);
+    let (dead, unpark, flow) = if s.dry_run {
+        ("would be dead-lettered", "would be unparked", "would flow again; nothing changed")
+    } else {
+        ("dead-lettered (skipped)", "unparked", "flow again")
+    };
+    let mut out = String::new();
+    if let Some(m) = &s.dead_lettered {
+        out += &format!("key {key:?} (topic {topic}): message {m} {dead}\n");
+    }
+    if s.unparked {
+        out += &format!("key {key:?} (topic {topic}): {unpark}\n");
+    }
+    out += &format!("key {key:?} (topic {topic}): its later messages {flow}\n");
+    out
 }
 
 /// `keys release`: the parked keys among `keys` (all, when none is named) parked for one of

@@ -152,12 +152,17 @@ pub async fn release(conn: &mut PgConnection, key: &str) -> Result<bool, sqlx::E
     Ok(r.rows_affected() > 0)
 }
 
-/// What `keys skip` did.
+/// What `keys skip` did (or, with `dry_run`, would do).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Skipped {
+    pub key: String,
+    /// The topic of what blocked the key: its failing head, or the dead letter that parked it.
+    pub topic: String,
     /// The head message moved to the dead letters, if the key was held back by a retry.
     pub dead_lettered: Option<String>,
     pub unparked: bool,
+    /// True when nothing was changed (`--dry-run`).
+    pub dry_run: bool,
 }
 
 /// Why `keys skip` could not act.
@@ -167,16 +172,29 @@ pub enum SkipError {
     NothingToSkip(String),
     #[error("the oldest message of key {0:?} is being published right now: try again in a moment")]
     InFlight(String),
+    #[error("key {key:?} is blocked on topic {actual:?}, not {wanted:?}: `outbox-relay keys skip {key} --topic {actual}` skips it")]
+    OtherTopic {
+        key: String,
+        actual: String,
+        wanted: String,
+    },
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
 
 /// Gives up on what blocks `key`: dead-letters its head if the head waits for a retry (the
-/// reason says an operator skipped it), and unparks the key. One transaction.
-pub async fn skip(conn: &mut PgConnection, key: &str) -> Result<Skipped, SkipError> {
+/// reason says an operator skipped it), and unparks the key. One transaction. With `topic`,
+/// only when what blocks the key belongs to that topic (the TOPIC column of `keys list`); with
+/// `dry_run`, the transaction is rolled back and the result says what would have been done.
+pub async fn skip(
+    conn: &mut PgConnection,
+    key: &str,
+    topic: Option<&str>,
+    dry_run: bool,
+) -> Result<Skipped, SkipError> {
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-    let head: Option<(i64, String, i32)> = sqlx::query_as(
-        "SELECT id, message_id, attempts FROM outbox.messages WHERE key = $1 ORDER BY id LIMIT 1
+    let head: Option<(i64, String, i32, String)> = sqlx::query_as(
+        "SELECT id, message_id, attempts, topic FROM outbox.messages WHERE key = $1 ORDER BY id LIMIT 1
             FOR UPDATE SKIP LOCKED",
     )
     .bind(key)
@@ -192,28 +210,47 @@ pub async fn skip(conn: &mut PgConnection, key: &str) -> Result<Skipped, SkipErr
     if locked_head {
         return Err(SkipError::InFlight(key.to_string()));
     }
-    let mut dead_lettered = None;
-    if let Some((id, message_id, attempts)) = head {
-        if attempts > 0 {
-            super::complete::dead_letter(
-                &mut tx,
-                &[id],
-                &[
-                    "skipped by an operator (outbox-relay keys skip) while waiting for a retry"
-                        .to_string(),
-                ],
-            )
+    let parked_topic: Option<String> =
+        sqlx::query_scalar("SELECT topic FROM outbox.parked_keys WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&mut *tx)
             .await?;
-            dead_lettered = Some(message_id);
-        }
+    let failing_head = head.filter(|h| h.2 > 0);
+    let Some(blocked_on) = failing_head
+        .as_ref()
+        .map(|h| h.3.clone())
+        .or_else(|| parked_topic.clone())
+    else {
+        return Err(SkipError::NothingToSkip(key.to_string()));
+    };
+    if let Some(wanted) = topic.filter(|t| *t != blocked_on) {
+        return Err(SkipError::OtherTopic {
+            key: key.to_string(),
+            actual: blocked_on,
+            wanted: wanted.to_string(),
+        });
+    }
+    let mut dead_lettered = None;
+    if let Some((id, message_id, _, _)) = failing_head {
+        super::complete::dead_letter(
+            &mut tx,
+            &[id],
+            &["skipped by an operator (outbox-relay keys skip) while waiting for a retry".to_string()],
+        )
+        .await?;
+        dead_lettered = Some(message_id);
     }
     let unparked = release(&mut tx, key).await?;
-    if dead_lettered.is_none() && !unparked {
-        return Err(SkipError::NothingToSkip(key.to_string()));
+    if dry_run {
+        tx.rollback().await?;
+    } else {
+        tx.commit().await?;
     }
-    tx.commit().await?;
     Ok(Skipped {
+        key: key.to_string(),
+        topic: blocked_on,
         dead_lettered,
         unparked,
+        dry_run,
     })
 }
