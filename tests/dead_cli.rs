@@ -775,7 +775,13 @@ async fn keys_skip_by_key_with_topic_and_dry_run() {
         (waiting, parked)
     };
     let before = state().await;
-    assert_eq!(before, (vec!["held-1".into(), "held-2".into()], vec!["parked".into()]));
+    assert_eq!(
+        before,
+        (
+            vec!["held-1".into(), "held-2".into()],
+            vec!["parked".into()]
+        )
+    );
 
     let dry = cli(&db, &["keys", "skip", "held", "--dry-run"]);
     assert!(dry.status.success(), "{}", stderr(&dry));
@@ -797,7 +803,10 @@ async fn keys_skip_by_key_with_topic_and_dry_run() {
     );
     assert_eq!(state().await, before, "a topic mismatch changes nothing");
 
-    let held = json(&cli(&db, &["keys", "skip", "held", "--topic", "t1", "--json"]));
+    let held = json(&cli(
+        &db,
+        &["keys", "skip", "held", "--topic", "t1", "--json"],
+    ));
     assert_eq!(held["dead_lettered"], "held-1", "{held}");
     assert_eq!(held["dry_run"], false);
     let dead: Vec<String> = sqlx::query_scalar(
@@ -821,7 +830,11 @@ async fn keys_skip_by_key_with_topic_and_dry_run() {
     for key in ["held", "parked"] {
         let nothing = cli(&db, &["keys", "skip", key]);
         assert_eq!(nothing.status.code(), Some(1));
-        assert!(stderr(&nothing).contains("nothing to skip"), "{}", stderr(&nothing));
+        assert!(
+            stderr(&nothing).contains("nothing to skip"),
+            "{}",
+            stderr(&nothing)
+        );
     }
 }
 

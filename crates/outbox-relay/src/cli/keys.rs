@@ -160,7 +160,11 @@ pub async fn run(pool: &PgPool, command: KeysCommand) -> anyhow::Result<()> {
 fn render_skipped(s: &sql::Skipped) -> String {
     let (key, topic) = (&s.key, &s.topic);
     let (dead, unpark, flow) = if s.dry_run {
-        ("would be dead-lettered", "would be unparked", "would flow again; nothing changed")
+        (
+            "would be dead-lettered",
+            "would be unparked",
+            "would flow again; nothing changed",
+        )
     } else {
         ("dead-lettered (skipped)", "unparked", "flow again")
     };

@@ -235,7 +235,10 @@ pub async fn skip(
         super::complete::dead_letter(
             &mut tx,
             &[id],
-            &["skipped by an operator (outbox-relay keys skip) while waiting for a retry".to_string()],
+            &[
+                "skipped by an operator (outbox-relay keys skip) while waiting for a retry"
+                    .to_string(),
+            ],
         )
         .await?;
         dead_lettered = Some(message_id);
