@@ -437,7 +437,9 @@ async fn enqueue_many_refuses_arrays_that_do_not_line_up_and_says_what_to_pass()
 
 /// A role (cluster-wide, so named uniquely and dropped on drop) for which the rows of topic
 /// `vanishing` are invisible: a message id of such a row conflicts on insert, but the lookup of
-/// the existing row finds nothing, exactly as when the relay deletes the row in between.
+/// the existing row finds nothing, exactly as when the relay deletes the row in between. The
+/// function runs with its owner's rights (SECURITY DEFINER, migration 0009), so the role is made
+/// its owner: the function's lookups then see what the role sees.
 struct VanishingRole {
     name: String,
     admin_url: String,
@@ -453,6 +455,7 @@ impl VanishingRole {
             "ALTER TABLE outbox.messages ENABLE ROW LEVEL SECURITY".into(),
             format!("CREATE POLICY see ON outbox.messages FOR SELECT TO {name} USING (topic <> 'vanishing')"),
             format!("CREATE POLICY add ON outbox.messages FOR INSERT TO {name} WITH CHECK (true)"),
+            format!("ALTER FUNCTION outbox.enqueue_many(text, bytea[], text[], jsonb[], text[], timestamptz) OWNER TO {name}"),
             format!("INSERT INTO outbox.messages (topic, payload, message_id) VALUES ('vanishing', 'x', '{message_id}')"),
         ] {
             sqlx::query(&sql).execute(&db.pool).await.unwrap();

@@ -7,6 +7,11 @@
 //!
 //! A complete program, which creates its own table: `examples/enqueue.rs`.
 //!
+//! **TLS.** The crate enables no TLS feature of sqlx and opens no connection: it writes on the
+//! connection or transaction the application hands it, encrypted or not as the application's
+//! own sqlx features (`tls-rustls-…` or `tls-native-tls`) and connect options (`sslmode`) made
+//! it. Linking it adds no TLS stack and changes no TLS setting.
+//!
 //! ```no_run
 //! use outbox_client::{enqueue, Message};
 //! use serde::Serialize;

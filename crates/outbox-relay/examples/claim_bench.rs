@@ -91,7 +91,12 @@ async fn main() -> anyhow::Result<()> {
 async fn run(url: &str, rows: i64, runs: usize) -> anyhow::Result<()> {
     // The relay's own session settings (jit off, timeouts) except the statement timeout, which
     // the fill would exceed.
-    let pool = store::connect(url, 2, Duration::from_secs(10), Duration::ZERO).await?;
+    let database = outbox_relay::config::DatabaseConfig {
+        url: url.to_string(),
+        connect_timeout_secs: 10,
+        ..Default::default()
+    };
+    let pool = store::connect(&database, 2, Duration::ZERO).await?;
     store::migrate(&pool).await?;
     let started = Instant::now();
     sqlx::query(

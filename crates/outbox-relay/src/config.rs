@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -22,6 +22,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
+use crate::redact::Secret;
 use crate::sinks::SinkConfig;
 
 /// Every default of the relay itself lives here, with the reason for its value; each sink's
@@ -107,10 +108,24 @@ pub struct Config {
     pub database_url_source: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// `[database]`: where the outbox lives and how to reach it safely.
+///
+/// The URL may carry everything (`postgres://user:pw@host/db?sslmode=verify-full&sslrootcert=…`),
+/// but the keys beside it win over it: `password` / `password_file` over the URL's password,
+/// `tls.*` over its `sslmode`, `sslrootcert`, `sslcert` and `sslkey`. That way the URL in the
+/// TOML file holds no secret, and TLS settings are checked (files exist, key private) at start.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
     pub url: String,
+    /// The password, when it is not in the URL. Prefer `password_file` (or
+    /// `OUTBOX_DATABASE__PASSWORD`): a password in the TOML file is readable by whoever can read
+    /// the file.
+    pub password: Secret,
+    /// A file holding the password (a mounted secret); one trailing newline is ignored. Read
+    /// once at start into `password`.
+    pub password_file: Option<PathBuf>,
+    pub tls: DatabaseTlsConfig,
     /// Pool size; the relay needs `relay.workers` + 2.
     pub max_connections: u32,
     pub connect_timeout_secs: u64,
@@ -120,8 +135,72 @@ impl Default for DatabaseConfig {
     fn default() -> Self {
         Self {
             url: defaults::DATABASE_URL.into(),
+            password: Secret::default(),
+            password_file: None,
+            tls: DatabaseTlsConfig::default(),
             max_connections: 8,
             connect_timeout_secs: 5,
+        }
+    }
+}
+
+/// The URL's password is redacted, the password itself never shown.
+impl std::fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &crate::redact::redact_url(&self.url))
+            .field("password", &self.password)
+            .field("password_file", &self.password_file)
+            .field("tls", &self.tls)
+            .field("max_connections", &self.max_connections)
+            .field("connect_timeout_secs", &self.connect_timeout_secs)
+            .finish()
+    }
+}
+
+/// `[database.tls]`: TLS to PostgreSQL. Each key, when set, wins over the URL's parameter of
+/// the same meaning (in brackets).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseTlsConfig {
+    /// (`sslmode`) Unset: the URL's `sslmode`, else `PGSSLMODE`, else `prefer`.
+    pub mode: Option<SslMode>,
+    /// (`sslrootcert`) PEM file of the CA(s) that sign the server's certificate, trusted in
+    /// addition to the system's store. With it, `require` verifies the chain, as libpq does.
+    pub ca_file: Option<PathBuf>,
+    /// (`sslcert`) PEM file of the client certificate, for `cert` authentication.
+    pub cert_file: Option<PathBuf>,
+    /// (`sslkey`) PEM file of the client certificate's private key (`chmod 600`).
+    pub key_file: Option<PathBuf>,
+}
+
+/// libpq's `sslmode` values, weakest first.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Plaintext only.
+    Disable,
+    /// Plaintext, TLS only when the server insists.
+    Allow,
+    /// TLS when the server offers it, unverified; plaintext otherwise (the default).
+    Prefer,
+    /// TLS or fail; the certificate verified only when a CA file is given.
+    Require,
+    /// TLS, the certificate chain verified against the CA, any host name.
+    VerifyCa,
+    /// TLS, the chain verified and the host name checked against the certificate.
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
         }
     }
 }
@@ -272,18 +351,103 @@ impl ClusterConfig {
     }
 }
 
+/// `[http]`: `/metrics`, `/healthz` and `/readyz` (docs/security.md, "The HTTP endpoints").
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// Address of `/metrics`, `/healthz` and `/readyz`; empty disables the server.
     pub listen: String,
+    /// A bearer token `/metrics` requires and `/readyz` requires for its details
+    /// (`Authorization: Bearer <token>`); `/healthz` stays open. Empty: no token. Prefer
+    /// `token_file` (or `OUTBOX_HTTP__TOKEN`) to the TOML file.
+    pub token: Secret,
+    /// A file holding the token (a mounted secret); one trailing newline is ignored. Read once
+    /// at start into `token`.
+    pub token_file: Option<PathBuf>,
+    pub tls: HttpTlsConfig,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: defaults::HTTP_LISTEN.into(),
+            token: Secret::default(),
+            token_file: None,
+            tls: HttpTlsConfig::default(),
         }
+    }
+}
+
+/// `[http.tls]`: with both files, the endpoints answer HTTPS only. The files are read again
+/// when they change (a renewed certificate).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpTlsConfig {
+    /// PEM file of the server certificate, followed by its intermediate CAs.
+    pub cert_file: Option<PathBuf>,
+    /// PEM file of its private key (unencrypted PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+}
+
+impl HttpConfig {
+    /// The shortest accepted token: 16 random characters are about 95 bits (letters and digits).
+    pub const MIN_TOKEN_LEN: usize = 16;
+
+    /// Reads `token_file` into `token`; returns a warning about the file, if any.
+    fn resolve_token_file(&mut self) -> Result<Option<String>, Error> {
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        if !self.token.is_empty() {
+            return Err(Error::Config(
+                "invalid configuration: http.token and http.token_file are both set: keep one (OUTBOX_HTTP__TOKEN, OUTBOX_HTTP__TOKEN_FILE)".into(),
+            ));
+        }
+        let (value, warning) = read_secret_file("http.token_file (OUTBOX_HTTP__TOKEN_FILE)", path)
+            .map_err(|e| Error::Config(format!("invalid configuration: {e}")))?;
+        self.token = Secret::new(value);
+        Ok(warning)
+    }
+
+    /// What is wrong with the token and TLS settings (the files are parsed when the listener is
+    /// bound, [`crate::http::bind`]).
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let token = self.token.expose();
+        if !token.is_empty() && token.chars().count() < Self::MIN_TOKEN_LEN {
+            problems.push(format!(
+                "http.token is {} characters long: use at least {} random ones (e.g. `openssl rand -hex 32`)",
+                token.chars().count(),
+                Self::MIN_TOKEN_LEN
+            ));
+        }
+        if token.chars().any(|c| !c.is_ascii_graphic()) {
+            problems.push(
+                "http.token may hold visible ASCII characters only (no spaces or line breaks): it is sent in an HTTP header".into(),
+            );
+        }
+        match (&self.tls.cert_file, &self.tls.key_file) {
+            (Some(_), None) | (None, Some(_)) => problems.push(
+                "http.tls.cert_file and http.tls.key_file go together: set both for HTTPS, or neither".into(),
+            ),
+            (Some(cert), Some(key)) => {
+                for (name, path) in [("cert_file", cert), ("key_file", key)] {
+                    if let Err(e) = std::fs::File::open(path) {
+                        problems.push(format!(
+                            "http.tls.{name} = {} cannot be read ({e}): mount the file there and make it readable by the relay's user",
+                            path.display()
+                        ));
+                    }
+                }
+            }
+            (None, None) => {}
+        }
+        if self.listen.is_empty() && (!token.is_empty() || self.tls.cert_file.is_some()) {
+            problems.push(
+                "http.token and http.tls.* are set but http.listen is empty (no HTTP server): set http.listen, or remove them".into(),
+            );
+        }
+        problems
     }
 }
 
@@ -322,8 +486,7 @@ impl Config {
                 scan.errors.join("\n  - ")
             )));
         }
-        // The file and the `OUTBOX_…` variables, to learn whether they set `database.url`.
-        let mut sources = Figment::new();
+        let mut base = Figment::new();
         if let Some(path) = path {
             if !path.exists() {
                 return Err(Error::Config(format!(
@@ -331,33 +494,83 @@ impl Config {
                     path.display()
                 )));
             }
-            sources = sources.merge(Toml::file_exact(path));
+            base = base.merge(Toml::file_exact(path));
         }
-        let ignored = scan.ignored.clone();
-        sources = sources.merge(
-            Env::prefixed(ENV_PREFIX)
-                .split("__")
-                .ignore(&["config"])
-                .filter(move |key| !ignored.iter().any(|i| key.as_str().eq_ignore_ascii_case(i))),
-        );
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
-        // `DATABASE_URL`, the variable psql, sqlx and most tools read, counts only when neither
-        // the file nor `OUTBOX_DATABASE__URL` sets `database.url`.
-        let mut database_url_source = None;
-        if let Some(url) = &scan.database_url {
-            if !sources.contains("database.url") {
-                figment = figment.merge(Serialized::default("database.url", url));
-                database_url_source = Some("environment variable DATABASE_URL".to_string());
+        // `OUTBOX_<KEY>_FILE` variables are read as `<key>_file` when that is a key of its own
+        // (`database.password_file`, `sinks.<name>.ca_file`); otherwise, once the key turns out
+        // unknown, as "the value of <key> is in this file" (`OUTBOX_SINKS__NATS__TOKEN_FILE`).
+        let candidates = file_variables(std::env::vars());
+        let mut from_files: Vec<&FileVariable> = Vec::new();
+        let mut warnings = Vec::new();
+        let (mut config, database_url_source) = loop {
+            // The file and the `OUTBOX_…` variables, to learn whether they set `database.url`.
+            let mut sources = base.clone();
+            let skip: Vec<String> = scan
+                .ignored
+                .iter()
+                .cloned()
+                .chain(from_files.iter().map(|v| v.key.clone()))
+                .collect();
+            sources = sources.merge(
+                Env::prefixed(ENV_PREFIX)
+                    .split("__")
+                    .ignore(&["config"])
+                    .filter(move |key| {
+                        let key = key.as_str().replace("__", ".");
+                        !skip.iter().any(|i| key.eq_ignore_ascii_case(i))
+                    }),
+            );
+            for variable in &from_files {
+                let (value, warning) = read_secret_file(
+                    &format!("environment variable {}", variable.name),
+                    Path::new(&variable.path),
+                )
+                .map_err(|e| Error::Config(format!("invalid configuration: {e}")))?;
+                warnings.extend(warning);
+                sources = sources.merge(Serialized::default(&variable.target, value));
             }
+            let mut figment = Figment::from(Serialized::defaults(Config::default()));
+            // `DATABASE_URL`, the variable psql, sqlx and most tools read, counts only when
+            // neither the file nor `OUTBOX_DATABASE__URL` sets `database.url`.
+            let mut database_url_source = None;
+            if let Some(url) = &scan.database_url {
+                if !sources.contains("database.url") {
+                    figment = figment.merge(Serialized::default("database.url", url));
+                    database_url_source = Some("environment variable DATABASE_URL".to_string());
+                }
+            }
+            match figment.merge(sources).extract::<Config>() {
+                Ok(config) => break (config, database_url_source),
+                Err(e) => {
+                    let errors: Vec<figment::Error> = e.into_iter().collect();
+                    let unknown = errors.iter().find_map(|e| {
+                        let key = unknown_key(e)?;
+                        candidates
+                            .iter()
+                            .find(|v| v.key == key && !from_files.iter().any(|f| f.key == key))
+                    });
+                    match unknown {
+                        Some(variable) => from_files.push(variable),
+                        None => {
+                            return Err(Error::Config(
+                                errors
+                                    .iter()
+                                    .map(describe_figment_error)
+                                    .collect::<Vec<_>>()
+                                    .join("\n"),
+                            ))
+                        }
+                    }
+                }
+            }
+        };
+        warnings.extend(config.database.resolve_password_file()?);
+        warnings.extend(config.http.resolve_token_file()?);
+        if config.database.ssl_mode().as_deref() == Some("verify-ca") {
+            // sqlx 0.8's verify-ca check does not recognise the name-mismatch error of the
+            // rustls it builds with, so the host name is checked as in verify-full.
+            warnings.push("database.tls.mode (or sslmode) verify-ca checks the server's host name as well in this build, as verify-full does: connect with a host name the server's certificate lists".into());
         }
-        let mut config: Config = figment.merge(sources).extract().map_err(|e| {
-            Error::Config(
-                e.into_iter()
-                    .map(|e| describe_figment_error(&e))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            )
-        })?;
         config.database_url_source = database_url_source;
         config.warnings = scan
             .ignored
@@ -368,6 +581,7 @@ impl Config {
                     name.to_ascii_uppercase()
                 )
             })
+            .chain(warnings)
             .collect();
         config.apply_deprecated_keys();
         config.apply_default_sink();
@@ -441,6 +655,7 @@ impl Config {
                 crate::redact::redact_url(&self.database.url)
             ));
         }
+        problems.extend(self.database.tls_problems());
         if self.database.max_connections < r.workers + 2 {
             problems.push(format!(
                 "database.max_connections is {} but relay.workers = {} needs at least {}: raise it",
@@ -509,6 +724,7 @@ impl Config {
                 c.relay_expiry_secs, c.heartbeat_ms
             ));
         }
+        problems.extend(self.http.problems());
         if !self.http.listen.is_empty() && self.http.listen.parse::<SocketAddr>().is_err() {
             problems.push(format!(
                 "http.listen must be an address like 127.0.0.1:9187 (or empty to disable), got {:?}",
@@ -620,6 +836,215 @@ fn scan_env(vars: impl Iterator<Item = (String, String)>) -> EnvScan {
         }
     }
     scan
+}
+
+/// An `OUTBOX_…_FILE` variable: perhaps a key of its own, perhaps the file of another key's value.
+#[derive(Debug, Clone, PartialEq)]
+struct FileVariable {
+    /// The variable's name as set.
+    name: String,
+    /// The key it names read literally, lowercase: `sinks.nats.token_file`.
+    key: String,
+    /// The key whose value the file holds: `sinks.nats.token`.
+    target: String,
+    /// The file.
+    path: String,
+}
+
+/// The `OUTBOX_<SECTION>__…_FILE` variables (with at least one level separator).
+fn file_variables(vars: impl Iterator<Item = (String, String)>) -> Vec<FileVariable> {
+    vars.filter_map(|(name, path)| {
+        let rest = name.get(ENV_PREFIX.len()..)?;
+        if !name[..ENV_PREFIX.len()].eq_ignore_ascii_case(ENV_PREFIX) || !rest.contains("__") {
+            return None;
+        }
+        let key = rest.to_ascii_lowercase().replace("__", ".");
+        let target = key.strip_suffix("_file")?.to_string();
+        (!target.ends_with('.')).then_some(FileVariable {
+            name,
+            key,
+            target,
+            path,
+        })
+    })
+    .collect()
+}
+
+/// The dotted key of an "unknown key" error, lowercase.
+fn unknown_key(e: &figment::Error) -> Option<String> {
+    let figment::error::Kind::UnknownField(found, _) = &e.kind else {
+        return None;
+    };
+    let mut path = e.path.clone();
+    if path.last() != Some(found) {
+        path.push(found.clone());
+    }
+    Some(path.join(".").to_ascii_lowercase())
+}
+
+/// Reads a secret from the file `path` named by `source` (a key or a variable): the contents
+/// without one trailing newline, and a warning when every user of the machine may read the file.
+pub fn read_secret_file(source: &str, path: &Path) -> Result<(String, Option<String>), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let contents = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "{source} names {}, which cannot be read ({e}): mount the secret there, make it readable by the relay's user, or unset {source}",
+            path.display()
+        )
+    })?;
+    let value = contents
+        .strip_suffix('\n')
+        .map(|v| v.strip_suffix('\r').unwrap_or(v))
+        .unwrap_or(&contents);
+    if value.is_empty() {
+        return Err(format!(
+            "{source} names {}, which is empty: write the secret into it",
+            path.display()
+        ));
+    }
+    let warning = std::fs::metadata(path)
+        .ok()
+        .map(|m| m.permissions().mode())
+        .filter(|mode| mode & 0o004 != 0)
+        .map(|mode| {
+            format!(
+                "{source} names {}, which every user of this machine may read (mode {:o}): chmod o-r it (a Kubernetes secret volume: defaultMode 0400 or 0440)",
+                path.display(),
+                mode & 0o777
+            )
+        });
+    Ok((value.to_string(), warning))
+}
+
+/// A query parameter of a URL (the last one of that name), if present.
+fn url_param(url: &str, name: &str) -> Option<String> {
+    url::Url::parse(url)
+        .ok()?
+        .query_pairs()
+        .filter(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+        .last()
+}
+
+impl DatabaseConfig {
+    /// Reads `password_file` into `password`; returns a warning about the file, if any.
+    fn resolve_password_file(&mut self) -> Result<Option<String>, Error> {
+        let Some(path) = &self.password_file else {
+            return Ok(None);
+        };
+        if !self.password.is_empty() {
+            return Err(Error::Config(
+                "invalid configuration: database.password and database.password_file are both set: keep one (OUTBOX_DATABASE__PASSWORD, OUTBOX_DATABASE__PASSWORD_FILE)".into(),
+            ));
+        }
+        let (value, warning) = read_secret_file(
+            "database.password_file (OUTBOX_DATABASE__PASSWORD_FILE)",
+            path,
+        )
+        .map_err(|e| Error::Config(format!("invalid configuration: {e}")))?;
+        self.password = Secret::new(value);
+        Ok(warning)
+    }
+
+    /// The `sslmode` in effect as far as the configuration says: `tls.mode`, else the URL's
+    /// `sslmode`, else `PGSSLMODE` (None: sqlx's default, `prefer`).
+    pub fn ssl_mode(&self) -> Option<String> {
+        self.tls
+            .mode
+            .map(|m| m.as_str().to_string())
+            .or_else(|| url_param(&self.url, "sslmode"))
+            .or_else(|| std::env::var("PGSSLMODE").ok())
+    }
+
+    /// The TLS file settings in effect, each with the name of the setting it came from: the
+    /// `tls.*` key, else the URL's parameter.
+    pub fn tls_files(&self) -> [(&'static str, Option<PathBuf>); 3] {
+        let pick = |key: &Option<PathBuf>, key_name: &'static str, param: &'static str| match key {
+            Some(path) => (key_name, Some(path.clone())),
+            None => (param, url_param(&self.url, param).map(PathBuf::from)),
+        };
+        [
+            pick(&self.tls.ca_file, "database.tls.ca_file", "sslrootcert"),
+            pick(&self.tls.cert_file, "database.tls.cert_file", "sslcert"),
+            pick(&self.tls.key_file, "database.tls.key_file", "sslkey"),
+        ]
+    }
+
+    /// What is wrong with the TLS settings: files missing, unreadable, not PEM, a private key
+    /// others may read, a certificate without its key.
+    fn tls_problems(&self) -> Vec<String> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let name = |setting: &str| match setting {
+            "sslrootcert" | "sslcert" | "sslkey" => format!("{setting} in database.url"),
+            key => format!(
+                "{key} ({ENV_PREFIX}{})",
+                key.replace('.', "__").to_ascii_uppercase()
+            ),
+        };
+        let [ca, cert, key] = self.tls_files();
+        let mut problems = Vec::new();
+        let checks = [
+            (
+                &ca,
+                "-----BEGIN CERTIFICATE-----",
+                "the PEM file of the CA that signs the server's certificate",
+            ),
+            (
+                &cert,
+                "-----BEGIN CERTIFICATE-----",
+                "the PEM file of the client certificate",
+            ),
+            (
+                &key,
+                "PRIVATE KEY-----",
+                "the PEM file of the client certificate's private key",
+            ),
+        ];
+        for ((setting, path), marker, what) in checks {
+            let Some(path) = path else { continue };
+            match std::fs::read_to_string(path) {
+                Err(e) => problems.push(format!(
+                    "{} names {}, which cannot be read ({e}): point it at {what}{}",
+                    name(setting),
+                    path.display(),
+                    if path.as_os_str() == "system" {
+                        " (the system's trust store is always used: leave it out for that)"
+                    } else {
+                        ""
+                    }
+                )),
+                Ok(text) if !text.contains(marker) => problems.push(format!(
+                    "{} names {}, which is not PEM (no \"{marker}\" line): point it at {what}",
+                    name(setting),
+                    path.display()
+                )),
+                Ok(_) => {}
+            }
+        }
+        if let (_, Some(path)) = &key {
+            // libpq's rule: a key owned by the relay's user must be private to it (0600); one
+            // owned by root may also be readable by its group (0640).
+            if let Ok(meta) = std::fs::metadata(path) {
+                let mode = meta.permissions().mode() & 0o777;
+                let allowed = if meta.uid() == 0 { 0o640 } else { 0o600 };
+                if mode & !allowed != 0 {
+                    problems.push(format!(
+                        "{} names {}, a private key that others may read (mode {mode:o}): chmod {allowed:o} it (PostgreSQL's clients refuse such keys too)",
+                        name(key.0),
+                        path.display()
+                    ));
+                }
+            }
+        }
+        if cert.1.is_some() != key.1.is_some() {
+            let set = if cert.1.is_some() { &cert } else { &key };
+            problems.push(format!(
+                "{} is set without its pair: a client certificate needs both database.tls.cert_file and database.tls.key_file (or sslcert and sslkey in database.url)",
+                name(set.0)
+            ));
+        }
+        problems
+    }
 }
 
 /// The top-level sections (`database`, `relay`, …), lowercase.
@@ -888,6 +1313,112 @@ mod tests {
             "{msg}"
         );
         assert!(!msg.contains("``"), "{msg}");
+    }
+
+    #[test]
+    fn file_variables_name_the_key_they_fill() {
+        let found = file_variables(vars(&[
+            ("OUTBOX_DATABASE__PASSWORD_FILE", "/run/secrets/pg"),
+            ("OUTBOX_SINKS__NATS__TOKEN_FILE", "/run/secrets/nats"),
+            ("OUTBOX_CONFIG_FILE", "x"),
+            ("OUTBOX_DATABASE__URL", "postgres://x"),
+            ("OTHER__KEY_FILE", "x"),
+        ]));
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found[0].key, "database.password_file");
+        assert_eq!(found[0].target, "database.password");
+        assert_eq!(found[1].target, "sinks.nats.token");
+        assert_eq!(found[1].path, "/run/secrets/nats");
+    }
+
+    #[test]
+    fn secret_files_lose_one_trailing_newline_and_warn_when_world_readable() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pw");
+        std::fs::write(&path, "s3cret \r\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            read_secret_file("k", &path).unwrap(),
+            ("s3cret ".to_string(), None)
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (_, warning) = read_secret_file("k", &path).unwrap();
+        assert!(warning.unwrap().contains("(mode 644): chmod o-r"));
+        std::fs::write(&path, "\n").unwrap();
+        assert!(read_secret_file("k", &path)
+            .unwrap_err()
+            .contains("which is empty"));
+        let e = read_secret_file("k", &dir.path().join("missing")).unwrap_err();
+        assert!(
+            e.starts_with("k names ") && e.contains("cannot be read"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tls_files_are_checked_and_named_by_the_setting_they_came_from() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("client.pem");
+        std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        let key = dir.path().join("client-key.pem");
+        std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\n").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut db = DatabaseConfig {
+            url: format!(
+                "postgres://app@db/x?sslmode=verify-full&sslrootcert=/missing/ca.pem&sslkey={}",
+                key.display()
+            ),
+            ..DatabaseConfig::default()
+        };
+        let problems = db.tls_problems();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(
+            problems[0].starts_with(
+                "sslrootcert in database.url names /missing/ca.pem, which cannot be read"
+            ),
+            "{}",
+            problems[0]
+        );
+        assert!(
+            problems[1].contains("a private key that others may read (mode 644)"),
+            "{}",
+            problems[1]
+        );
+        assert!(
+            problems[2].starts_with("sslkey in database.url is set without its pair"),
+            "{}",
+            problems[2]
+        );
+
+        // The keys win over the URL's parameters.
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        db.tls.ca_file = Some(cert.clone());
+        db.tls.cert_file = Some(cert.clone());
+        assert!(db.tls_problems().is_empty(), "{:?}", db.tls_problems());
+        db.tls.ca_file = Some(key.clone());
+        let problems = db.tls_problems();
+        assert!(
+            problems[0].starts_with("database.tls.ca_file (OUTBOX_DATABASE__TLS__CA_FILE) names")
+                && problems[0].contains("which is not PEM"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn database_debug_shows_no_password() {
+        let db = DatabaseConfig {
+            url: "postgres://app:in-url-pw@db/x".into(),
+            password: "key-pw".into(),
+            ..DatabaseConfig::default()
+        };
+        let shown = format!("{db:?}");
+        assert!(
+            !shown.contains("in-url-pw") && !shown.contains("key-pw"),
+            "{shown}"
+        );
+        assert!(shown.contains("postgres://app:***@db/x"), "{shown}");
     }
 
     #[test]

@@ -50,6 +50,9 @@ pub enum Error {
         #[source]
         source: SinkError,
     },
+    /// The database role lacks a privilege the command needs (or may not migrate).
+    #[error("database role {role:?} {problem}; see docs/security.md, \"Roles: least privilege\"")]
+    Privileges { role: String, problem: String },
 }
 
 impl Error {
@@ -64,6 +67,7 @@ impl Error {
             Error::SchemaMissing { .. } => "schema_missing",
             Error::Listen { .. } => "listen",
             Error::Sink { .. } => "sink",
+            Error::Privileges { .. } => "privileges",
         }
     }
 
@@ -74,20 +78,86 @@ impl Error {
     }
 }
 
-/// What to do about a failed connection, from PostgreSQL's answer (SQLSTATE) where it gave one.
-fn connect_advice(error: &sqlx::Error) -> &'static str {
-    let code = error
-        .as_database_error()
-        .and_then(|e| e.code())
-        .map(|c| c.into_owned());
-    match code.as_deref() {
+/// What to do about a failed connection to PostgreSQL: from the TLS error (the certificate the
+/// relay refused), PostgreSQL's answer (SQLSTATE and message) or the network error. Each answer
+/// names the configuration key to change.
+pub fn connect_advice(error: &sqlx::Error) -> &'static str {
+    if let Some(tls) = find_rustls_error(error) {
+        return tls_advice(tls);
+    }
+    if let sqlx::Error::Tls(e) = error {
+        return if e.to_string().contains("does not support TLS") {
+            "the server does not offer TLS, but database.tls.mode (OUTBOX_DATABASE__TLS__MODE) or sslmode in database.url requires it: enable ssl on the server; lower the mode to prefer only on a network you trust"
+        } else {
+            "the TLS settings could not be used: check database.tls.ca_file, database.tls.cert_file and database.tls.key_file (or sslrootcert, sslcert and sslkey in database.url)"
+        };
+    }
+    if plaintext_refused(error) {
+        return "the server accepts only TLS connections from here (hostssl in pg_hba.conf): set database.tls.mode (OUTBOX_DATABASE__TLS__MODE) to verify-full and database.tls.ca_file (OUTBOX_DATABASE__TLS__CA_FILE) to the server's CA, or sslmode=verify-full&sslrootcert=… in database.url";
+    }
+    let Some(db) = error.as_database_error() else {
+        return "is PostgreSQL running and reachable there? Start it, or set database.url (OUTBOX_DATABASE__URL)";
+    };
+    let message = db.message();
+    match db.code().as_deref() {
         // invalid_catalog_name
         Some("3D000") => "create that database, or point database.url (OUTBOX_DATABASE__URL) at an existing one",
+        // "connection requires a valid client certificate", "certificate authentication failed"
+        Some("28000") if message.contains("certificate") => "the server requires a client certificate for this user: set database.tls.cert_file and database.tls.key_file (OUTBOX_DATABASE__TLS__CERT_FILE, OUTBOX_DATABASE__TLS__KEY_FILE) to a certificate whose common name is the user in database.url, signed by the CA of the server's ssl_ca_file",
         // invalid_password, invalid_authorization_specification
-        Some("28P01" | "28000") => "check the user and password in database.url (OUTBOX_DATABASE__URL) and the server's pg_hba.conf",
+        Some("28P01" | "28000") => "check the user in database.url and the password (database.password_file or OUTBOX_DATABASE__PASSWORD_FILE, database.password, or the URL's), and the server's pg_hba.conf",
         Some(_) => "see PostgreSQL's message above, and database.url (OUTBOX_DATABASE__URL)",
-        None => "is PostgreSQL running and reachable there? Start it, or set database.url (OUTBOX_DATABASE__URL)",
+        None => "see PostgreSQL's message above, and database.url (OUTBOX_DATABASE__URL)",
     }
+}
+
+/// PostgreSQL refused a connection because it was not encrypted: `hostssl` lines only, for
+/// this client, in `pg_hba.conf`.
+pub fn plaintext_refused(error: &sqlx::Error) -> bool {
+    error.as_database_error().is_some_and(|db| {
+        db.code().as_deref() == Some("28000") && db.message().contains("no encryption")
+    })
+}
+
+fn tls_advice(error: &rustls::Error) -> &'static str {
+    use rustls::{AlertDescription as Alert, CertificateError as Cert};
+    match error {
+        rustls::Error::InvalidCertificate(cert) => match cert {
+            Cert::UnknownIssuer | Cert::BadSignature => "the server's certificate is not signed by a CA the relay trusts: set database.tls.ca_file (OUTBOX_DATABASE__TLS__CA_FILE), or sslrootcert in database.url, to the PEM file of the CA that signed it (a managed database's provider publishes its CA bundle)",
+            Cert::Expired | Cert::ExpiredContext { .. } | Cert::NotValidYet | Cert::NotValidYetContext { .. } => "the server's certificate has expired or is not valid yet: the server must present a current certificate (its ssl_cert_file); check both machines' clocks. A weaker database.tls.mode is no fix",
+            Cert::NotValidForName | Cert::NotValidForNameContext { .. } => "the server's certificate does not name the host in database.url: connect with a host name the certificate lists (database.url, OUTBOX_DATABASE__URL), or have the certificate reissued for this name",
+            _ => "the server's certificate was refused: check database.tls.ca_file (or sslrootcert in database.url) and the certificate the server presents",
+        },
+        rustls::Error::AlertReceived(
+            Alert::CertificateRequired
+            | Alert::BadCertificate
+            | Alert::UnknownCA
+            | Alert::CertificateUnknown
+            | Alert::CertificateExpired
+            | Alert::AccessDenied,
+        ) => "the server refused the relay's client certificate (or its absence): set database.tls.cert_file and database.tls.key_file (OUTBOX_DATABASE__TLS__CERT_FILE, OUTBOX_DATABASE__TLS__KEY_FILE) to a current certificate signed by the CA of the server's ssl_ca_file",
+        _ => "the TLS handshake with the server failed: check database.tls.mode and database.tls.ca_file (or sslmode and sslrootcert in database.url) against the server's TLS settings",
+    }
+}
+
+/// The rustls error inside a failed connection, if the failure was TLS's. sqlx wraps it in an
+/// `io::Error` (whose `source()` skips the wrapped error itself, hence `get_ref`).
+fn find_rustls_error(error: &sqlx::Error) -> Option<&rustls::Error> {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = next {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if let Some(inner) = io.get_ref() {
+                if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
+                    return Some(tls);
+                }
+            }
+        }
+        next = e.source();
+    }
+    None
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -37,5 +37,5 @@ pub mod store;
 pub mod wakeup;
 
 pub use error::{Error, Result};
-pub use redact::redact_url;
+pub use redact::{redact_url, Secret};
 pub use relay::run;

@@ -195,18 +195,65 @@ pub async fn run_floor(
     }
 }
 
+/// The tables the vacuum task may vacuum: learned once, on its first run with autovacuum off.
+type Vacuumable = Arc<std::sync::Mutex<Option<Vec<&'static str>>>>;
+
 /// VACUUM of the outbox's tables where autovacuum is off, once they hold `DEAD_ROWS_TO_VACUUM`
 /// dead rows. Each run on a connection of its own, closed afterwards.
-async fn vacuum_if_needed(pool: &PgPool, metrics: &Metrics) -> Result<(), sqlx::Error> {
+///
+/// Only a table's owner may vacuum it (before PostgreSQL 17; from 17 also a role with MAINTAIN),
+/// and PostgreSQL skips the others with a warning rather than an error. A relay that runs as the
+/// least-privilege relay role (docs/security.md) owns nothing: the first run learns which tables
+/// the role may vacuum, says once which it may not and what to do, and from then on vacuums only
+/// the others (none: the task does nothing more).
+async fn vacuum_if_needed(
+    pool: &PgPool,
+    metrics: &Metrics,
+    vacuumable: &Vacuumable,
+) -> Result<(), sqlx::Error> {
     const DEAD_ROWS_TO_VACUUM: i64 = 10_000;
+    let known = vacuumable.lock().map(|v| v.clone()).unwrap_or_default();
+    if known.as_ref().is_some_and(Vec::is_empty) {
+        return Ok(());
+    }
     let mut conn = pool.acquire().await?.detach();
     let result = async {
-        if !store::vacuum::autovacuum_off(&mut conn).await?
-            || store::vacuum::dead_rows(&mut conn).await? < DEAD_ROWS_TO_VACUUM
-        {
+        if !store::vacuum::autovacuum_off(&mut conn).await? {
             return Ok(None);
         }
-        store::vacuum::vacuum(&mut conn).await.map(Some)
+        let tables = match known {
+            Some(tables) => tables,
+            None => {
+                let denied = store::vacuum::not_vacuumable(&mut conn).await?;
+                let tables: Vec<&'static str> = store::vacuum::TABLES
+                    .iter()
+                    .copied()
+                    .filter(|t| !denied.iter().any(|d| d == t))
+                    .collect();
+                if !denied.is_empty() {
+                    tracing::warn!(
+                        tables = %denied.join(", "),
+                        "autovacuum is off, and the relay's database role may not VACUUM these \
+                         outbox tables (only their owner may; from PostgreSQL 17 also a role \
+                         with the MAINTAIN privilege): the relay leaves them alone, and their \
+                         deleted rows stay until someone vacuums them. Turn autovacuum on for \
+                         them, have their owner run VACUUM regularly, or (PostgreSQL 17+) GRANT \
+                         MAINTAIN on them to the relay role; see docs/security.md, \"Roles: least \
+                         privilege\""
+                    );
+                }
+                if let Ok(mut v) = vacuumable.lock() {
+                    *v = Some(tables.clone());
+                }
+                tables
+            }
+        };
+        if tables.is_empty() || store::vacuum::dead_rows(&mut conn).await? < DEAD_ROWS_TO_VACUUM {
+            return Ok(None);
+        }
+        store::vacuum::vacuum_tables(&mut conn, &tables)
+            .await
+            .map(Some)
     }
     .await;
     let _ = conn.close().await;
@@ -243,13 +290,15 @@ pub fn spawn_all(
     ))];
     if cfg.vacuum_when_autovacuum_off {
         let (vacuum_pool, vacuum_metrics) = (pool.clone(), Arc::clone(metrics));
+        let vacuumable = Vacuumable::default();
         tasks.push(tokio::spawn(every(
             "vacuum",
             Duration::from_secs(cfg.maintenance_interval_secs),
             shutdown.clone(),
             move || {
                 let (pool, metrics) = (vacuum_pool.clone(), Arc::clone(&vacuum_metrics));
-                async move { vacuum_if_needed(&pool, &metrics).await }
+                let vacuumable = Arc::clone(&vacuumable);
+                async move { vacuum_if_needed(&pool, &metrics, &vacuumable).await }
             },
         )));
     }

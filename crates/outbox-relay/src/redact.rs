@@ -1,26 +1,129 @@
-//! Secrets kept out of logs and error texts: URLs with their credentials replaced.
+//! Secrets kept out of logs and error texts: URLs with their credentials replaced, and
+//! [`Secret`], the type of every configuration value that is a password, token or key.
+
+use std::fmt;
+
+/// A configuration value that must never be shown: a password, a token, a private key.
+///
+/// `Debug`, `Display` and `Serialize` print `***` (an empty secret prints as empty, so that
+/// "not set" stays visible), so a `{:?}` of a config struct, a `tracing` field or a serialized
+/// config cannot leak it. The value is read with [`Secret::expose`], only where it is handed to
+/// the client library that needs it. `Deserialize` reads a plain string, so a key of this type
+/// is set like any other (TOML, `OUTBOX_…` variables, or a file named by `OUTBOX_…_FILE`).
+///
+/// Not `secrecy::SecretString`: the configuration structs derive `PartialEq` and `Serialize`
+/// (the loader builds its defaults and its list of known keys from them), which that type
+/// deliberately lacks; and zeroizing on drop would promise more than the relay keeps (the
+/// value is copied into the client libraries' own connection options).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value itself: only for handing it to the library that authenticates with it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The text to show in place of the value.
+    fn shown(&self) -> &'static str {
+        if self.0.is_empty() {
+            ""
+        } else {
+            "***"
+        }
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Self(value)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Self(value.to_string())
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.shown())
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.shown())
+    }
+}
+
+impl serde::Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.shown())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(Self)
+    }
+}
 
 /// A URL with its password replaced by `***`, for logs and errors. A user name alone is a
 /// secret too where the scheme uses it as a token (`nats://TOKEN@host`), and is replaced then;
-/// elsewhere (`postgres://app@db`) it is kept, because operators need it to debug access.
+/// elsewhere (`postgres://app@db`) it is kept, because operators need it to debug access. A
+/// `password` query parameter (libpq accepts `?password=…`) is replaced as well.
 pub fn redact_url(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(mut u) if !u.username().is_empty() && u.scheme().starts_with("nats") => {
-            let _ = u.set_username("***");
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => "<unparseable url>".into(),
+    let Ok(mut u) = url::Url::parse(raw) else {
+        return "<unparseable url>".into();
+    };
+    if u.password().is_some() {
+        let _ = u.set_password(Some("***"));
+    } else if !u.username().is_empty() && u.scheme().starts_with("nats") {
+        let _ = u.set_username("***");
     }
+    let secret_param =
+        |k: &str| k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("sslpassword");
+    if u.query_pairs().any(|(k, _)| secret_param(&k)) {
+        let pairs: Vec<(String, String)> = u
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if secret_param(&k) {
+                    "***".into()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        u.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    u.to_string()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::{redact_url, Secret};
+
+    #[test]
+    fn secrets_print_and_serialize_as_stars_and_read_as_plain_strings() {
+        let s: Secret = serde_json::from_str("\"hunter2-pw\"").unwrap();
+        assert_eq!(s.expose(), "hunter2-pw");
+        assert_eq!(format!("{s:?} {s}"), "\"***\" ***");
+        assert_eq!(serde_json::to_string(&s).unwrap(), "\"***\"");
+        let empty = Secret::default();
+        assert_eq!(format!("{empty:?}"), "\"\"");
+        assert_eq!(serde_json::to_string(&empty).unwrap(), "\"\"");
+    }
 
     #[test]
     fn redact_url_hides_passwords_and_nats_tokens_but_keeps_user_names() {
@@ -38,5 +141,9 @@ mod tests {
             "amqp://guest:***@127.0.0.1:5672/%2f"
         );
         assert_eq!(redact_url("not a url"), "<unparseable url>");
+        assert_eq!(
+            redact_url("postgres://app@db/x?sslmode=verify-full&password=s3cret"),
+            "postgres://app@db/x?sslmode=verify-full&password=***"
+        );
     }
 }

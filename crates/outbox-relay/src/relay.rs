@@ -25,9 +25,8 @@ pub async fn connect_with_retry(config: &Config, shutdown: &CancellationToken) -
     let mut delay = Duration::from_millis(200);
     loop {
         match store::connect(
-            &config.database.url,
+            &config.database,
             config.database.max_connections,
-            Duration::from_secs(config.database.connect_timeout_secs),
             Duration::from_secs(config.relay.claim_timeout_secs),
         )
         .await
@@ -37,8 +36,9 @@ pub async fn connect_with_retry(config: &Config, shutdown: &CancellationToken) -
                 tracing::error!(
                     database = %redact_url(&config.database.url),
                     error = %e,
+                    fix = crate::error::connect_advice(&e),
                     retry_in_ms = delay.as_millis() as u64,
-                    "cannot reach PostgreSQL; is it running, and is database.url right? retrying"
+                    "cannot reach PostgreSQL; retrying"
                 );
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -61,7 +61,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> crate::Result<(
     let http_task = if config.http.listen.is_empty() {
         None
     } else {
-        let listener = http::bind(&config.http.listen).await?;
+        let listener = http::bind(&config.http).await?;
         Some(tokio::spawn(http::serve(
             listener,
             Arc::clone(&http_state),
@@ -74,6 +74,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> crate::Result<(
         };
         let result = async {
             store::check_schema(&pool).await?;
+            store::privileges::check_relay(&pool, "outbox-relay run").await?;
             if !store::autovacuum_on(&pool).await {
                 // Every outbox row is inserted once and deleted once: without vacuum the table
                 // and its indexes only grow.

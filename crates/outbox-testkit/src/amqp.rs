@@ -3,10 +3,12 @@
 //! panicked); [`AmqpConsumer`], which reads a queue and acks what it read, reporting every
 //! property the relay set; [`RabbitNode`], a node the caller owns (own node name, AMQP and
 //! distribution ports, data and log directories) for broker stop/start tests that must not
-//! disturb the shared broker at [`amqp_url`]; the relay's AMQP sink config ([`amqp_config`]);
+//! disturb the shared broker at [`amqp_url`], optionally with a TLS listener, a user of its own
+//! and SASL EXTERNAL ([`RabbitOptions`]); the relay's AMQP sink config ([`amqp_config`]);
 //! [`AmqpTarget`] for the ordering tests.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::names::{free_port, unique};
 use crate::ordering::{read_until_stopped, Arrival, Arrivals, OrderedTarget, BATCH, POLL};
+use crate::tls::CertFiles;
 use crate::wait::{cleanup_on_own_runtime, wait_until};
 
 /// The shared broker: `AMQP_URL`, default `amqp://guest:guest@127.0.0.1:5672/%2f`.
@@ -284,9 +287,37 @@ routes = [{{ topics = ["*"], exchange = "{exchange}", routing_key = "{{topic}}" 
 pub struct RabbitNode {
     child: Option<Child>,
     pub port: u16,
+    /// The TLS listener's port, when [`RabbitOptions::tls`] asked for one.
+    pub tls_port: Option<u16>,
     pub node: String,
     pub dir: tempfile::TempDir,
     dist_port: u16,
+    user: (String, String),
+}
+
+/// How [`RabbitNode::start_with`] configures a node. The default is what [`RabbitNode::start`]
+/// runs: a plaintext listener and the `guest` user.
+#[derive(Debug, Clone, Default)]
+pub struct RabbitOptions {
+    /// A TLS listener beside the plaintext one.
+    pub tls: Option<RabbitTls>,
+    /// The node's only user (name, password), administrator of vhost `/`, instead of `guest`.
+    pub user: Option<(String, String)>,
+}
+
+/// The TLS listener of an owned node (`listeners.ssl`, `ssl_options.*`).
+#[derive(Debug, Clone)]
+pub struct RabbitTls {
+    /// The CA the node trusts for client certificates (`ssl_options.cacertfile`).
+    pub ca_cert: PathBuf,
+    /// The node's certificate and key.
+    pub server: CertFiles,
+    /// `verify_peer` and `fail_if_no_peer_cert`: every TLS client must show a certificate
+    /// signed by `ca_cert`.
+    pub require_client_cert: bool,
+    /// SASL EXTERNAL (the `rabbitmq_auth_mechanism_ssl` plugin), the user being the client
+    /// certificate's common name.
+    pub external: bool,
 }
 
 impl RabbitNode {
@@ -304,35 +335,94 @@ impl RabbitNode {
     }
 
     pub async fn start() -> Result<Self, String> {
+        Self::start_with(RabbitOptions::default()).await
+    }
+
+    /// A node configured by `options` (a TLS listener, a user of its own, EXTERNAL).
+    pub async fn start_with(options: RabbitOptions) -> Result<Self, String> {
         Self::server_bin()?;
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let port = free_port();
-        let mut dist_port = free_port();
-        while dist_port == port {
-            dist_port = free_port();
+        let mut ports: Vec<u16> = Vec::new();
+        while ports.len() < 3 {
+            let p = free_port();
+            if !ports.contains(&p) {
+                ports.push(p);
+            }
         }
+        let (port, dist_port, tls_port) = (ports[0], ports[1], ports[2]);
         let node = format!("{}@localhost", unique("rabbit_test"));
         let d = dir.path();
-        std::fs::write(d.join("enabled_plugins"), "[].\n").map_err(|e| e.to_string())?;
+        let mut conf = format!("listeners.tcp.1 = 127.0.0.1:{port}\nloopback_users = none\n");
+        let mut plugins = Vec::new();
+        let user = options
+            .user
+            .clone()
+            .unwrap_or_else(|| ("guest".into(), "guest".into()));
+        if options.user.is_some() {
+            conf.push_str(&format!(
+                "default_user = {}\ndefault_pass = {}\ndefault_vhost = /\ndefault_user_tags.administrator = true\n",
+                user.0, user.1
+            ));
+        }
+        if let Some(tls) = &options.tls {
+            conf.push_str(&format!(
+                "listeners.ssl.1 = 127.0.0.1:{tls_port}\n\
+                 ssl_options.cacertfile = {}\n\
+                 ssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\n",
+                tls.ca_cert.display(),
+                tls.server.cert.display(),
+                tls.server.key.display()
+            ));
+            if tls.require_client_cert {
+                conf.push_str(
+                    "ssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = true\n",
+                );
+            } else {
+                conf.push_str("ssl_options.verify = verify_none\n");
+            }
+            if tls.external {
+                plugins.push("rabbitmq_auth_mechanism_ssl");
+                conf.push_str(
+                    "auth_mechanisms.1 = PLAIN\nauth_mechanisms.2 = AMQPLAIN\nauth_mechanisms.3 = EXTERNAL\nssl_cert_login_from = common_name\n",
+                );
+            }
+        }
         std::fs::write(
-            d.join("rabbitmq.conf"),
-            format!("listeners.tcp.1 = 127.0.0.1:{port}\nloopback_users = none\n"),
+            d.join("enabled_plugins"),
+            format!("[{}].\n", plugins.join(",")),
         )
         .map_err(|e| e.to_string())?;
+        std::fs::write(d.join("rabbitmq.conf"), conf).map_err(|e| e.to_string())?;
         std::fs::write(d.join("rabbitmq-env.conf"), "").map_err(|e| e.to_string())?;
         let mut s = Self {
             child: None,
             port,
+            tls_port: options.tls.is_some().then_some(tls_port),
             node,
             dir,
             dist_port,
+            user,
         };
         s.restart().await?;
         Ok(s)
     }
 
+    /// The plaintext listener, with the node's user and password.
     pub fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+        format!(
+            "amqp://{}:{}@127.0.0.1:{}/%2f",
+            self.user.0, self.user.1, self.port
+        )
+    }
+
+    /// `amqps://<user>@127.0.0.1:<tls port>/%2f`: the TLS listener, without a password (the
+    /// caller gives it, or logs in with EXTERNAL). Panics without a TLS listener.
+    pub fn tls_url(&self) -> String {
+        let port = self
+            .tls_port
+            .expect("the node was started without a TLS listener");
+        format!("amqps://{}@127.0.0.1:{port}/%2f", self.user.0)
     }
 
     /// Stops the node gracefully (SIGTERM to the server script, which stops the Erlang VM) and

@@ -1,6 +1,7 @@
-//! The relay's (and Prometheus's) HTTP side, without an HTTP client crate: one plain HTTP/1.0
-//! GET ([`get`]), one parser of the Prometheus text format ([`metric`]), `/metrics` scraping,
-//! waiting for `/healthz`, and a relay config with its HTTP server on a given port.
+//! The relay's (and Prometheus's) HTTP side, without an HTTP client crate: one HTTP/1.0 GET,
+//! plain ([`get`], [`get_with`]) or over TLS ([`get_tls`]), one parser of the Prometheus text
+//! format ([`metric`]), `/metrics` scraping, waiting for `/healthz`, and a relay config with its
+//! HTTP server on a given port.
 
 use std::time::Duration;
 
@@ -35,23 +36,107 @@ impl Endpoint for &String {
 /// and the body, or `None` while nothing answers (connection refused, no complete answer within
 /// 15 s, a malformed answer).
 pub async fn get(addr: impl Endpoint, path: &str) -> Option<(u16, String)> {
+    get_with(addr, path, &[]).await
+}
+
+/// [`get`] with request headers, e.g. `[("Authorization", "Bearer …")]`.
+pub async fn get_with(
+    addr: impl Endpoint,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Option<(u16, String)> {
     let addr = addr.host_port();
     let connect = tokio::net::TcpStream::connect(addr.as_str());
-    let mut stream = tokio::time::timeout(Duration::from_secs(10), connect)
+    let stream = tokio::time::timeout(Duration::from_secs(10), connect)
         .await
         .ok()?
         .ok()?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
+    exchange(stream, &addr, path, headers).await.ok()
+}
+
+/// [`get_with`] over TLS, trusting only the CA certificate in the PEM file `ca` and checking the
+/// server's certificate against the host of `addr` (`127.0.0.1`, `localhost`). The error says
+/// what failed: the connection, the handshake (with rustls's reason), or the answer.
+pub async fn get_tls(
+    addr: impl Endpoint,
+    path: &str,
+    headers: &[(&str, &str)],
+    ca: &std::path::Path,
+) -> Result<(u16, String), String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let addr = addr.host_port();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| format!("CA file: {e}"))? {
+        roots
+            .add(cert.map_err(|e| format!("CA file: {e}"))?)
+            .map_err(|e| format!("CA certificate: {e}"))?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let host = addr
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_matches(['[', ']']))
+        .unwrap_or(&addr);
+    let name = ServerName::try_from(host.to_string()).map_err(|e| format!("server name: {e}"))?;
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(addr.as_str()),
+    )
+    .await
+    .map_err(|_| "connect: timed out".to_string())?
+    .map_err(|e| format!("connect: {e}"))?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let stream = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
+        .await
+        .map_err(|_| "TLS handshake: timed out".to_string())?
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+    exchange(stream, &addr, path, headers).await
+}
+
+/// One request on `stream` and its whole answer (HTTP/1.0: the server closes when done).
+async fn exchange<S>(
+    mut stream: S,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut request = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("send: {e}"))?;
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(15), stream.read_to_end(&mut buf))
+    let read = tokio::time::timeout(Duration::from_secs(15), stream.read_to_end(&mut buf))
         .await
-        .ok()?
-        .ok()?;
+        .map_err(|_| "no complete answer within 15 s".to_string())?;
+    // A TLS server may close without close_notify after a complete HTTP/1.0 answer.
+    if let Err(e) = read {
+        if buf.is_empty() {
+            return Err(format!("receive: {e}"));
+        }
+    }
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_string()))
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("not an HTTP answer: {text:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status in {head:?}"))?;
+    Ok((status, body.to_string()))
 }
 
 /// The sum of every series of metric `name` whose labels include all of `labels`; `None`

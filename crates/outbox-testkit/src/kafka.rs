@@ -3,6 +3,12 @@
 //! [`KafkaReader`], a consumer independent of the relay; the relay's Kafka sink config
 //! ([`kafka_config`]); [`KafkaTarget`] for the ordering tests.
 //!
+//! SASL: [`TansuBroker::require_scram`] creates a SCRAM user and restarts the broker with
+//! `--authentication`; every client of the kit then logs in as that user. tansu 0.6.0 has no
+//! TLS listener (its `--cert` and `--key` flags exclude each other and nothing uses the TLS
+//! configuration they build), so Kafka over TLS cannot be tested end to end here, and its
+//! SASL PLAIN accepts any password (only SCRAM checks it).
+//!
 //! tansu is installed by `.ci/kafka-deps.sh`. When it is missing, [`TansuBroker::start`] (the
 //! tests' entry point) prints `SKIPPED: tansu not installed (run .ci/kafka-deps.sh)` and returns
 //! `None`, unless `REQUIRE_TANSU=1` is set (CI), in which case the test fails;
@@ -69,6 +75,17 @@ pub struct TansuBroker {
     pub dir: tempfile::TempDir,
     storage: Storage,
     die_with_parent: bool,
+    /// The SCRAM login every client of the kit uses once [`TansuBroker::require_scram`] ran.
+    pub sasl: Option<ScramLogin>,
+}
+
+/// A SCRAM user of an owned broker.
+#[derive(Debug, Clone)]
+pub struct ScramLogin {
+    pub user: String,
+    pub password: String,
+    /// `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    pub mechanism: &'static str,
 }
 
 impl TansuBroker {
@@ -103,9 +120,62 @@ impl TansuBroker {
             dir: tempfile::tempdir().map_err(|e| format!("tempdir for tansu: {e}"))?,
             storage,
             die_with_parent,
+            sasl: None,
         };
         b.try_restart().await?;
         Ok(b)
+    }
+
+    /// Creates `login`'s user (`tansu user create`), then restarts the broker with
+    /// `--authentication`: from then on it serves only clients that log in (the kit's clients
+    /// use `login`). Needs [`Storage::Sqlite`], where the user survives the restart; create the
+    /// topics first (`tansu topic create` does not log in).
+    pub async fn require_scram(&mut self, login: ScramLogin) {
+        assert_eq!(
+            self.storage,
+            Storage::Sqlite,
+            "users survive a restart only in SQLite"
+        );
+        let mechanism = match login.mechanism {
+            "SCRAM-SHA-256" => "scram256",
+            "SCRAM-SHA-512" => "scram512",
+            other => panic!("tansu stores SCRAM-SHA-256 and SCRAM-SHA-512 users, not {other}"),
+        };
+        let out = tokio::process::Command::new(&self.bin)
+            .args([
+                "user",
+                "create",
+                "--broker",
+                &self.url(),
+                "--mechanism",
+                mechanism,
+            ])
+            .args([&login.user, &login.password])
+            .output()
+            .await
+            .expect("run tansu user create");
+        assert!(
+            out.status.success(),
+            "tansu user create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.sasl = Some(login);
+        self.restart().await;
+    }
+
+    /// librdkafka settings that reach this broker: `bootstrap.servers`, and the SCRAM login
+    /// once [`TansuBroker::require_scram`] ran.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", self.brokers());
+        if let Some(login) = &self.sasl {
+            c.set("security.protocol", "SASL_PLAINTEXT")
+                .set("sasl.mechanism", login.mechanism)
+                .set("sasl.username", &login.user)
+                .set("sasl.password", &login.password);
+        }
+        c
     }
 
     /// `127.0.0.1:PORT`, for librdkafka's `bootstrap.servers`.
@@ -154,8 +224,11 @@ impl TansuBroker {
         cmd.current_dir(self.dir.path())
             .args(["broker", "--listener-url", &self.url()])
             .args(["--advertised-listener-url", &self.url()])
-            .args(["--storage-engine", self.storage.engine()])
-            .env_remove("CLUSTER_ID")
+            .args(["--storage-engine", self.storage.engine()]);
+        if self.sasl.is_some() {
+            cmd.arg("--authentication");
+        }
+        cmd.env_remove("CLUSTER_ID")
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -190,8 +263,8 @@ impl TansuBroker {
 
     /// Whether the broker answers a metadata request now.
     pub async fn answers(&self) -> bool {
-        let brokers = self.brokers();
-        tokio::task::spawn_blocking(move || metadata_ok(&brokers))
+        let config = self.client_config();
+        tokio::task::spawn_blocking(move || metadata_ok_with(config))
             .await
             .unwrap_or(false)
     }
@@ -257,8 +330,14 @@ impl Drop for TansuBroker {
 /// Whether the cluster at `brokers` answers a metadata request with at least one broker.
 /// Blocking (librdkafka): call it from `spawn_blocking`.
 pub fn metadata_ok(brokers: &str) -> bool {
-    let Ok(consumer) = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    metadata_ok_with(config)
+}
+
+/// [`metadata_ok`] with the client settings `config` (a login).
+pub fn metadata_ok_with(mut config: ClientConfig) -> bool {
+    let Ok(consumer) = config
         .set("socket.connection.setup.timeout.ms", "1000")
         .create::<BaseConsumer>()
     else {
@@ -316,8 +395,14 @@ pub struct KafkaReader {
 impl KafkaReader {
     /// `topics`: (name, partition count).
     pub fn new(brokers: &str, topics: &[(&str, i32)]) -> Self {
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", brokers);
+        Self::with_config(config, topics)
+    }
+
+    /// [`KafkaReader::new`] with the client settings `config` (brokers, a login).
+    pub fn with_config(mut config: ClientConfig, topics: &[(&str, i32)]) -> Self {
+        let consumer: StreamConsumer = config
             .set("group.id", unique("reader"))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")

@@ -17,6 +17,7 @@
 //!   such module.
 //! - [`observability`]: the repository's deploy/ files, `promtool` and an owned Prometheus.
 //! - [`ordering`]: the broker-independent per-key order checker and target trait.
+//! - [`tls`]: a private CA per test and the certificates it issues (good, expired, wrong host).
 
 pub mod amqp;
 pub mod http;
@@ -27,4 +28,5 @@ pub mod observability;
 pub mod ordering;
 pub mod pg;
 pub mod relay;
+pub mod tls;
 pub mod wait;

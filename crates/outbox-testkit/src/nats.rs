@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use crate::names::{free_port, unique};
 use crate::ordering::{read_until_stopped, Arrival, Arrivals, OrderedTarget, BATCH, POLL};
-use crate::wait::{cleanup_on_own_runtime, wait_until};
+use crate::tls::CertFiles;
+use crate::wait::cleanup_on_own_runtime;
 
 /// The shared server: `NATS_URL`, default `nats://127.0.0.1:4222`.
 pub fn nats_url() -> String {
@@ -85,6 +86,275 @@ routes = {routes}
     )
 }
 
+/// How an owned server secures itself ([`OwnedNats::start_secured`]): TLS, and one way for
+/// clients to authenticate.
+#[derive(Clone, Default)]
+pub struct NatsSecurity {
+    pub tls: Option<ServerTls>,
+    pub auth: ServerAuth,
+}
+
+/// The server's TLS block: its certificate, the CA it verifies clients against, and whether it
+/// requires client certificates (`verify: true`, mutual TLS).
+#[derive(Clone)]
+pub struct ServerTls {
+    pub cert: CertFiles,
+    pub ca: PathBuf,
+    pub verify: bool,
+    /// The test's own clients: the CA they trust, and their client certificate (needed when
+    /// `verify`). `None` for a server whose certificate the test's clients cannot check (an
+    /// expired one, one for another host): the test then only waits for the server's greeting.
+    pub client: Option<(PathBuf, Option<CertFiles>)>,
+}
+
+/// How clients authenticate to an owned server.
+#[derive(Clone, Default)]
+pub enum ServerAuth {
+    #[default]
+    None,
+    /// `authorization { user, password }`.
+    User { user: String, password: String },
+    /// `authorization { token }`.
+    Token(String),
+    /// `authorization { users = [{ nkey }] }`: the user's seed (the server lists its public key).
+    NKey { seed: String },
+    /// Operator (JWT) mode: the server trusts `operator`, which signed one account; `creds` is
+    /// the `.creds` file of a user of that account.
+    Operator(OperatorSetup),
+}
+
+/// A NATS operator, one account with JetStream, and one user of it, as `nsc` would make them:
+/// JWTs (base64url JSON signed with the issuer's NKey, the format nats-server decodes) and the
+/// user's `.creds` file.
+#[derive(Clone)]
+pub struct OperatorSetup {
+    pub operator_jwt: String,
+    pub system_public: String,
+    pub system_jwt: String,
+    pub account_public: String,
+    pub account_jwt: String,
+    /// The `.creds` file's contents: the user JWT and the user's seed.
+    pub creds: String,
+}
+
+impl OperatorSetup {
+    /// A fresh operator, one account it signed, and a user of that account.
+    pub fn new() -> Self {
+        let account = nkeys::KeyPair::new_account();
+        Self::signed_by(&account, &account)
+    }
+
+    /// Like [`OperatorSetup::new`], but the user JWT is signed by `user_signer` while the
+    /// operator signs `account` (another account's key: a user the server must refuse).
+    fn signed_by(account: &nkeys::KeyPair, user_signer: &nkeys::KeyPair) -> Self {
+        let operator = nkeys::KeyPair::new_operator();
+        let user = nkeys::KeyPair::new_user();
+        let operator_jwt = encode_jwt(
+            &operator,
+            &operator.public_key(),
+            "test-operator",
+            serde_json::json!({ "type": "operator", "version": 2 }),
+        );
+        // JetStream needs a system account in operator mode.
+        let system = nkeys::KeyPair::new_account();
+        let system_jwt = encode_jwt(
+            &operator,
+            &system.public_key(),
+            "SYS",
+            serde_json::json!({ "type": "account", "version": 2 }),
+        );
+        let account_jwt = encode_jwt(
+            &operator,
+            &account.public_key(),
+            "test-account",
+            serde_json::json!({
+                "type": "account",
+                "version": 2,
+                "limits": {
+                    "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                    "wildcards": true, "conn": -1, "leaf": -1,
+                    "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1
+                },
+                "default_permissions": { "pub": {}, "sub": {} }
+            }),
+        );
+        let user_jwt = encode_jwt(
+            user_signer,
+            &user.public_key(),
+            "relay",
+            serde_json::json!({
+                "type": "user", "version": 2,
+                "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1
+            }),
+        );
+        let seed = user.seed().expect("user seed");
+        let creds = format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             ************************* IMPORTANT *************************\n\
+             NKEY Seed printed below can be used to sign and prove identity.\n\n\
+             -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+        );
+        Self {
+            operator_jwt,
+            system_public: system.public_key(),
+            system_jwt,
+            account_public: account.public_key(),
+            account_jwt,
+            creds,
+        }
+    }
+
+    /// The `.creds` of a user whose JWT an account the server does not know signed, for a
+    /// server set up with `self` (the server must refuse it).
+    pub fn foreign_creds(&self) -> String {
+        let stranger = nkeys::KeyPair::new_account();
+        let other = Self::signed_by(&stranger, &stranger);
+        other.creds
+    }
+}
+
+impl Default for OperatorSetup {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A new NKey user: its seed (`SU…`) and its public key (`U…`).
+pub fn nkey_user() -> (String, String) {
+    let user = nkeys::KeyPair::new_user();
+    (user.seed().expect("user seed"), user.public_key())
+}
+
+/// A NATS JWT: `header.claims.signature`, each base64url without padding, signed (Ed25519) by
+/// `issuer` over `header.claims`.
+fn encode_jwt(
+    issuer: &nkeys::KeyPair,
+    subject: &str,
+    name: &str,
+    nats: serde_json::Value,
+) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let header = URL_SAFE_NO_PAD.encode(r#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let iat = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({
+        "jti": unique("jti").to_uppercase(),
+        "iat": iat,
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let claims = URL_SAFE_NO_PAD.encode(claims.to_string());
+    let signature = issuer
+        .sign(format!("{header}.{claims}").as_bytes())
+        .expect("sign the JWT");
+    format!("{header}.{claims}.{}", URL_SAFE_NO_PAD.encode(signature))
+}
+
+impl NatsSecurity {
+    /// The server's configuration lines.
+    fn server_config(&self) -> String {
+        let mut out = String::new();
+        if let Some(tls) = &self.tls {
+            out.push_str(&format!(
+                "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  verify: {}\n  timeout: 5\n}}\n",
+                tls.cert.cert.display(),
+                tls.cert.key.display(),
+                tls.ca.display(),
+                tls.verify
+            ));
+        }
+        match &self.auth {
+            ServerAuth::None => {}
+            ServerAuth::User { user, password } => out.push_str(&format!(
+                "authorization {{\n  user: \"{user}\"\n  password: \"{password}\"\n}}\n"
+            )),
+            ServerAuth::Token(token) => {
+                out.push_str(&format!("authorization {{\n  token: \"{token}\"\n}}\n"))
+            }
+            ServerAuth::NKey { seed } => {
+                let public = nkeys::KeyPair::from_seed(seed)
+                    .expect("user seed")
+                    .public_key();
+                out.push_str(&format!(
+                    "authorization {{\n  users = [ {{ nkey: \"{public}\" }} ]\n}}\n"
+                ))
+            }
+            ServerAuth::Operator(op) => out.push_str(&format!(
+                "operator: \"{}\"\nsystem_account: \"{}\"\nresolver: MEMORY\nresolver_preload: {{\n  {}: \"{}\"\n  {}: \"{}\"\n}}\n",
+                op.operator_jwt,
+                op.system_public,
+                op.system_public,
+                op.system_jwt,
+                op.account_public,
+                op.account_jwt
+            )),
+        }
+        out
+    }
+
+    /// Connect options for the test's own clients: the server's credentials and TLS.
+    fn client_options(&self) -> Option<async_nats::ConnectOptions> {
+        let mut options = match &self.auth {
+            ServerAuth::None => async_nats::ConnectOptions::new(),
+            ServerAuth::User { user, password } => {
+                async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
+            }
+            ServerAuth::Token(token) => async_nats::ConnectOptions::with_token(token.clone()),
+            ServerAuth::NKey { seed } => async_nats::ConnectOptions::with_nkey(seed.clone()),
+            ServerAuth::Operator(op) => {
+                async_nats::ConnectOptions::with_credentials(&op.creds).expect("creds")
+            }
+        };
+        if let Some(tls) = &self.tls {
+            let (ca, cert) = tls.client.as_ref()?;
+            options = options
+                .tls_client_config(tls_client_config(ca, cert.as_ref()))
+                .require_tls(true);
+        }
+        Some(options)
+    }
+}
+
+/// A rustls client configuration that trusts `ca` (and presents `client`), with the ring
+/// provider named (not the process default, which a build with two providers lacks).
+pub fn tls_client_config(
+    ca: &std::path::Path,
+    client: Option<&CertFiles>,
+) -> async_nats::rustls::ClientConfig {
+    use async_nats::rustls::pki_types::pem::PemObject;
+    use async_nats::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use async_nats::rustls::{self, ClientConfig, RootCertStore};
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).expect("CA file") {
+        roots
+            .add(cert.expect("CA certificate"))
+            .expect("trust anchor");
+    }
+    let builder =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots);
+    match client {
+        None => builder.with_no_client_auth(),
+        Some(files) => {
+            let certs = CertificateDer::pem_file_iter(&files.cert)
+                .expect("client certificate file")
+                .collect::<Result<Vec<_>, _>>()
+                .expect("client certificate");
+            let key = PrivateKeyDer::from_pem_file(&files.key).expect("client key");
+            builder
+                .with_client_auth_cert(certs, key)
+                .expect("client certificate and key")
+        }
+    }
+}
+
 /// A `nats-server` owned by the test, configured by a file: JetStream on file storage in its
 /// temporary directory (streams survive restarts), plus `extra` config lines.
 pub struct OwnedNats {
@@ -92,23 +362,34 @@ pub struct OwnedNats {
     pub port: u16,
     pub dir: tempfile::TempDir,
     conf: PathBuf,
-    /// The one account's user and password, when the server requires them.
-    user: Option<(String, String)>,
+    security: NatsSecurity,
 }
 
 impl OwnedNats {
     /// Starts a server on a free port with `extra` config lines (e.g. `max_payload: 4096`).
     pub async fn start(extra: &str) -> Self {
-        Self::start_server_with(extra, None).await
+        Self::start_server_with(extra, NatsSecurity::default()).await
     }
 
     /// Starts a server that accepts only `user` with `password` ([`OwnedNats::url_as`]).
     pub async fn start_with_user(user: &str, password: &str) -> Self {
-        let auth = format!("authorization {{\n  user: \"{user}\"\n  password: \"{password}\"\n}}");
-        Self::start_server_with(&auth, Some((user.into(), password.into()))).await
+        Self::start_secured(NatsSecurity {
+            tls: None,
+            auth: ServerAuth::User {
+                user: user.into(),
+                password: password.into(),
+            },
+        })
+        .await
     }
 
-    async fn start_server_with(extra: &str, user: Option<(String, String)>) -> Self {
+    /// Starts a server with TLS and/or authentication; [`OwnedNats::client`] connects as the
+    /// security says.
+    pub async fn start_secured(security: NatsSecurity) -> Self {
+        Self::start_server_with("", security).await
+    }
+
+    async fn start_server_with(extra: &str, security: NatsSecurity) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let conf = dir.path().join("nats.conf");
@@ -116,8 +397,9 @@ impl OwnedNats {
         std::fs::write(
             &conf,
             format!(
-                "listen: \"127.0.0.1:{port}\"\njetstream {{\n  store_dir: \"{}\"\n}}\n{extra}\n",
-                store.display()
+                "listen: \"127.0.0.1:{port}\"\njetstream {{\n  store_dir: \"{}\"\n}}\n{}{extra}\n",
+                store.display(),
+                security.server_config()
             ),
         )
         .unwrap();
@@ -126,7 +408,7 @@ impl OwnedNats {
             port,
             dir,
             conf,
-            user,
+            security,
         };
         s.start_server().await;
         s
@@ -136,21 +418,29 @@ impl OwnedNats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// `tls://127.0.0.1:<port>`: the URL scheme that requires TLS.
+    pub fn tls_url(&self) -> String {
+        format!("tls://127.0.0.1:{}", self.port)
+    }
+
     /// The URL with `user` and `password` in it.
     pub fn url_as(&self, user: &str, password: &str) -> String {
         format!("nats://{user}:{password}@127.0.0.1:{}", self.port)
     }
 
-    /// A client of the test, as the server's user if it has one (async_nats ignores
-    /// credentials in a URL: they go in the connect options).
+    /// A client of the test, authenticated and over TLS as the server requires (async_nats
+    /// ignores credentials in a URL: they go in the connect options).
     pub async fn client(&self) -> Result<async_nats::Client, async_nats::ConnectError> {
-        let options = match &self.user {
-            Some((user, password)) => {
-                async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
-            }
-            None => async_nats::ConnectOptions::new(),
-        };
+        let options = self
+            .security
+            .client_options()
+            .expect("this server's certificate is not meant to be trusted by the test's clients");
         options.connect(self.url()).await
+    }
+
+    /// The server's log (stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
 
     pub fn pid(&self) -> i32 {
@@ -177,12 +467,37 @@ impl OwnedNats {
             .spawn()
             .expect("spawn nats-server");
         self.child = Some(child);
-        wait_until(
-            Duration::from_secs(20),
-            "owned nats-server accepts connections",
-            || async { self.client().await.is_ok() },
-        )
-        .await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.greets().await {
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || Instant::now() >= deadline {
+                panic!(
+                    "owned nats-server did not come up ({}); its log:\n{}",
+                    exited.map_or("no greeting within 20 s".into(), |s| s.to_string()),
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether the server accepts a connection and sends its `INFO` greeting (which it does
+    /// once it serves clients, before TLS and authentication).
+    async fn greets(&self) -> bool {
+        use tokio::io::AsyncBufReadExt;
+        let Ok(tcp) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else {
+            return false;
+        };
+        let mut line = String::new();
+        let mut reader = tokio::io::BufReader::new(tcp);
+        let read = reader.read_line(&mut line);
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), read).await,
+            Ok(Ok(_))
+        ) && line.starts_with("INFO ")
     }
 
     /// SIGTERM (JetStream flushes its store), then waits for the exit; SIGKILL after 15 s.

@@ -6,13 +6,15 @@
 //! The owned server: `initdb` into a temporary directory, `pg_ctl` on a free port, its socket
 //! in the same directory. PostgreSQL refuses to run as root, so when the tests run as root the
 //! server runs as the `postgres` user (`runuser -u postgres --`) and the directory is handed to
-//! that user.
+//! that user. [`OwnedPostgres::start_with`] adds TLS (`ssl = on` with the test's certificates)
+//! and a `pg_hba.conf` of the test's choosing; the kit itself always reaches the server as
+//! `postgres` over its Unix socket ([`OwnedPostgres::admin`]), whatever the TCP rules are.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
 
 use crate::names::{free_port, unique};
@@ -121,6 +123,26 @@ pub struct OwnedPostgres {
     running: bool,
 }
 
+/// How [`OwnedPostgres::start_with`] sets a server up beyond initdb's defaults.
+#[derive(Debug, Clone, Default)]
+pub struct ServerSetup {
+    /// `ssl = on` with these files (copied into the server's directory).
+    pub tls: Option<ServerTls>,
+    /// The TCP lines of `pg_hba.conf`, e.g. `hostssl all all 127.0.0.1/32 scram-sha-256`,
+    /// replacing initdb's trust-everyone file. A `local all postgres trust` line always comes
+    /// first: the kit's own connection over the socket.
+    pub hba: Option<Vec<String>>,
+}
+
+/// The server's TLS files.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// `ssl_ca_file`: the CA whose client certificates the server accepts (`cert` auth).
+    pub client_ca: Option<PathBuf>,
+}
+
 /// Where the server binaries are: `pg_config --bindir`, else the Debian default.
 pub fn bindir() -> PathBuf {
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
@@ -159,6 +181,11 @@ fn run_as_postgres(bin: &Path, args: &[&str]) -> Output {
 impl OwnedPostgres {
     /// Initialises a cluster and starts it; waits until it accepts connections.
     pub async fn start() -> Self {
+        Self::start_with(ServerSetup::default()).await
+    }
+
+    /// [`OwnedPostgres::start`] with TLS and `pg_hba.conf` as `setup` says.
+    pub async fn start_with(setup: ServerSetup) -> Self {
         let bindir = bindir();
         let dir = tempfile::Builder::new()
             .prefix("outbox-pg-")
@@ -201,8 +228,89 @@ impl OwnedPostgres {
             bindir,
             running: false,
         };
+        pg.configure(&setup);
         pg.start_server().await;
         pg
+    }
+
+    /// Writes `setup` into the data directory: the TLS files (owned by the server's user, the
+    /// key private, as PostgreSQL demands), `postgresql.conf` lines, `pg_hba.conf`.
+    fn configure(&self, setup: &ServerSetup) {
+        let data = self.dir.path().join("data");
+        let mut conf = String::new();
+        if let Some(tls) = &setup.tls {
+            let mut copy = |from: &Path, name: &str, key: &str| {
+                let to = self.dir.path().join(name);
+                std::fs::copy(from, &to)
+                    .unwrap_or_else(|e| panic!("copy {} for the server: {e}", from.display()));
+                self.hand_over(&to, 0o600);
+                conf.push_str(&format!("{key} = '{}'\n", to.display()));
+            };
+            copy(&tls.cert, "server.crt", "ssl_cert_file");
+            copy(&tls.key, "server.key", "ssl_key_file");
+            if let Some(ca) = &tls.client_ca {
+                copy(ca, "client-ca.crt", "ssl_ca_file");
+            }
+            conf.push_str("ssl = on\n");
+        }
+        if !conf.is_empty() {
+            let path = data.join("postgresql.conf");
+            let mut all = std::fs::read_to_string(&path).expect("read postgresql.conf");
+            all.push_str(&conf);
+            std::fs::write(&path, all).expect("write postgresql.conf");
+        }
+        if let Some(lines) = &setup.hba {
+            let mut hba = String::from("local all postgres trust\n");
+            for line in lines {
+                hba.push_str(line);
+                hba.push('\n');
+            }
+            let path = data.join("pg_hba.conf");
+            std::fs::write(&path, hba).expect("write pg_hba.conf");
+            self.hand_over(&path, 0o600);
+        }
+    }
+
+    /// Gives a file to the server's user with `mode`.
+    fn hand_over(&self, path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+        if is_root() {
+            let status = Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(path)
+                .status()
+                .unwrap();
+            assert!(status.success(), "chown {} failed", path.display());
+        }
+    }
+
+    /// Options for the `postgres` superuser over the server's Unix socket (trusted whatever
+    /// `pg_hba.conf` says for TCP), on database `db`.
+    pub fn admin_options(&self, db: &str) -> PgConnectOptions {
+        PgConnectOptions::new_without_pgpass()
+            .socket(self.dir.path())
+            .port(self.port)
+            .username("postgres")
+            .database(db)
+    }
+
+    /// A superuser connection over the socket to the `postgres` database.
+    pub async fn admin(&self) -> PgConnection {
+        PgConnection::connect_with(&self.admin_options("postgres"))
+            .await
+            .expect("connect to the owned PostgreSQL over its socket")
+    }
+
+    /// Runs `sql` as the superuser over the socket.
+    pub async fn execute(&self, sql: &str) {
+        let mut conn = self.admin().await;
+        sqlx::raw_sql(sql)
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        conn.close().await.ok();
     }
 
     fn data(&self) -> String {
@@ -248,13 +356,13 @@ impl OwnedPostgres {
             std::fs::read_to_string(&log).unwrap_or_default()
         );
         self.running = true;
-        let url = self.url();
+        let options = self.admin_options("postgres");
         wait_until(
             Duration::from_secs(30),
             "owned PostgreSQL accepts connections",
             || {
-                let url = url.clone();
-                async move { PgConnection::connect(&url).await.is_ok() }
+                let options = options.clone();
+                async move { PgConnection::connect_with(&options).await.is_ok() }
             },
         )
         .await;
@@ -290,18 +398,11 @@ impl OwnedPostgres {
     /// Creates a database, applies the outbox migrations, returns its URL.
     pub async fn create_migrated_database(&self) -> String {
         let name = unique("outbox_chaos");
-        let mut admin = PgConnection::connect(&self.url())
-            .await
-            .expect("connect to the owned PostgreSQL");
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        admin.close().await.ok();
+        self.execute(&format!("CREATE DATABASE {name}")).await;
         let url = self.url_for(&name);
         let pool = PgPoolOptions::new()
             .max_connections(2)
-            .connect(&url)
+            .connect_with(self.admin_options(&name))
             .await
             .unwrap();
         migrate(&pool).await;

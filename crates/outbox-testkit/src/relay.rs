@@ -107,3 +107,42 @@ pub fn die_with_parent(cmd: &mut Command) {
         });
     }
 }
+
+/// Runs `bin args…` to completion with `env` added, and without the caller's `OUTBOX_*`,
+/// `DATABASE_URL` and `PG*` variables (which would stand in for the configuration under test);
+/// killed, and the test failed, if it runs past `timeout`.
+pub fn run_command(
+    bin: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> std::process::Output {
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_remove("DATABASE_URL");
+    for (k, _) in std::env::vars()
+        .filter(|(k, _)| k.starts_with("OUTBOX_") || (k.starts_with("PG") && k != "PG_CONFIG"))
+    {
+        cmd.env_remove(k);
+    }
+    cmd.envs(env.iter().copied());
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(out) => out.expect("wait for the command"),
+        Err(_) => {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("{} {args:?} did not exit within {timeout:?}", bin.display());
+        }
+    }
+}

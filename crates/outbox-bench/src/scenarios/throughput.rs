@@ -34,13 +34,12 @@ pub async fn ceiling(o: &Opts) -> anyhow::Result<CeilingResult> {
     let db = BenchDb::create(&o.database_url, "ceiling").await?;
     db.preload(o.messages, o.payload_bytes, TOPIC, 0, Load::Vacuumed)
         .await?;
-    let pool = outbox_relay::store::connect(
-        &db.url,
-        o.workers + 2,
-        Duration::from_secs(5),
-        Duration::from_secs(60),
-    )
-    .await?;
+    let database = outbox_relay::config::DatabaseConfig {
+        url: db.url.clone(),
+        ..Default::default()
+    };
+    let pool =
+        outbox_relay::store::connect(&database, o.workers + 2, Duration::from_secs(60)).await?;
     // Open the workers' connections before the clock starts, as a running relay has them.
     let warm: Vec<_> =
         futures::future::try_join_all((0..o.workers).map(|_| pool.acquire())).await?;

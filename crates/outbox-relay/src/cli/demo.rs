@@ -77,14 +77,13 @@ pub async fn run(mut config: Config, args: DemoArgs) -> anyhow::Result<()> {
     let server_url = config.database.url.clone();
     let mut demo_url = url::Url::parse(&server_url).context("database.url is not a URL")?;
     demo_url.set_path(&format!("/{database}"));
-    let created = store::demo::ensure_database(&server_url, &database)
+    let created = store::demo::ensure_database(&config.database, &database)
         .await
-        .with_context(|| {
-            format!(
-                "cannot create the demo's database {database} through {}",
-                redact_url(&server_url)
-            )
-        })?;
+        .map_err(|source| crate::Error::Connect {
+            url: redact_url(&server_url),
+            source,
+        })
+        .with_context(|| format!("cannot create the demo's database {database}"))?;
     config.database.url = demo_url.to_string();
     // The demo's relay runs in this process; it needs no HTTP server.
     config.http.listen = String::new();
@@ -119,17 +118,14 @@ pub async fn run(mut config: Config, args: DemoArgs) -> anyhow::Result<()> {
     config.validate()?;
 
     let pool = store::connect(
-        &config.database.url,
+        &config.database,
         config.database.max_connections,
-        Duration::from_secs(config.database.connect_timeout_secs),
         Duration::from_secs(config.relay.claim_timeout_secs),
     )
     .await
-    .with_context(|| {
-        format!(
-            "cannot connect to PostgreSQL at {}",
-            redact_url(&config.database.url)
-        )
+    .map_err(|source| crate::Error::Connect {
+        url: redact_url(&config.database.url),
+        source,
     })?;
     let before = store::history::applied_versions(&pool).await?;
     store::migrate(&pool)

@@ -129,9 +129,28 @@ pub fn main() -> ExitCode {
             ExitCode::from(2)
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {e:#}{}", privilege_advice(&e));
             ExitCode::from(1)
         }
+    }
+}
+
+/// For a statement PostgreSQL refused for want of a privilege (SQLSTATE 42501): where the
+/// privileges each command needs are written down.
+fn privilege_advice(e: &anyhow::Error) -> &'static str {
+    let denied = e.chain().any(|cause| {
+        cause
+            .downcast_ref::<sqlx::Error>()
+            .and_then(|e| e.as_database_error())
+            .and_then(|e| e.code())
+            .is_some_and(|code| code == "42501")
+    });
+    if denied {
+        "; the database role of database.url lacks a privilege this command needs: \
+         docs/security.md (\"Roles: least privilege\") lists which role runs which command, and \
+         deploy/sql/roles.sql grants them"
+    } else {
+        ""
     }
 }
 
@@ -141,6 +160,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             // No statement or idle timeout: a migration may rewrite a large outbox table
             // (0004 adds a stored column), which must not be cut off at claim_timeout_secs.
             let pool = connect_with_timeout(&config, std::time::Duration::ZERO).await?;
+            crate::store::privileges::check_migrate(&pool).await?;
             let before = crate::store::history::applied_versions(&pool).await?;
             crate::store::migrate(&pool).await?;
             let after = crate::store::history::applied_versions(&pool).await?;
@@ -264,20 +284,15 @@ async fn connect_with_timeout(
     config: &Config,
     statement_timeout: std::time::Duration,
 ) -> anyhow::Result<sqlx::PgPool> {
-    crate::store::connect(
-        &config.database.url,
-        2,
-        std::time::Duration::from_secs(config.database.connect_timeout_secs),
-        statement_timeout,
-    )
-    .await
-    .map_err(|source| {
-        crate::Error::Connect {
-            url: crate::redact::redact_url(&config.database.url),
-            source,
-        }
-        .into()
-    })
+    crate::store::connect(&config.database, 2, statement_timeout)
+        .await
+        .map_err(|source| {
+            crate::Error::Connect {
+                url: crate::redact::redact_url(&config.database.url),
+                source,
+            }
+            .into()
+        })
 }
 
 async fn wait_for_signal(shutdown: CancellationToken) {

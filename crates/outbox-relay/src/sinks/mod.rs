@@ -36,6 +36,8 @@ use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "amqp")]
 pub mod amqp;
+#[cfg(any(feature = "amqp", feature = "kafka"))]
+pub(crate) mod files;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod memory;

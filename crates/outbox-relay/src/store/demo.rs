@@ -3,10 +3,13 @@
 
 use sqlx::{Connection, PgConnection, PgPool};
 
-/// Creates database `name` on the server `admin_url` points at, unless it exists; returns
-/// whether it was created. `name` must be a plain identifier (the caller checks).
-pub async fn ensure_database(admin_url: &str, name: &str) -> Result<bool, sqlx::Error> {
-    let mut admin = PgConnection::connect(admin_url).await?;
+use crate::config::DatabaseConfig;
+
+/// Creates database `name` on the server of `server` (its URL's database is the one to connect
+/// to), unless it exists; returns whether it was created. `name` must be a plain identifier
+/// (the caller checks).
+pub async fn ensure_database(server: &DatabaseConfig, name: &str) -> Result<bool, sqlx::Error> {
+    let mut admin = super::connect_one(server).await?;
     let exists: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
             .bind(name)

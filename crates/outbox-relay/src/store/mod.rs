@@ -12,6 +12,7 @@
 //! - [`cluster`]: relay heartbeats, ordering membership and slot leases;
 //! - [`sleepers`]: idle relays' registrations for NOTIFY;
 //! - [`vacuum`]: the relay's own VACUUM where autovacuum is off;
+//! - [`privileges`]: the privileges each command needs, checked before it starts;
 //! - [`demo`]: the demo's sample table.
 //!
 //! This module and the ones below it import no sink and no pipeline type: rows come back as
@@ -20,8 +21,10 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{ConnectOptions, Connection, PgPool};
+
+use crate::config::{DatabaseConfig, SslMode};
 
 pub mod claim;
 pub mod cluster;
@@ -32,6 +35,7 @@ pub mod floor;
 pub mod history;
 pub mod keys;
 pub mod lag;
+pub mod privileges;
 pub mod sleepers;
 pub mod vacuum;
 
@@ -42,29 +46,80 @@ pub use lag::{cleanup_sent, compact_counts, dead_counts, lag, TopicLag, LAG_SQL}
 /// The migrations in the workspace's `migrations/` folder, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
+/// The connection options of the `[database]` section: the URL (with its `sslmode`,
+/// `sslrootcert`, `sslcert`, `sslkey`, and libpq's `PG…` variables and `~/.pgpass` as sqlx reads
+/// them), then the keys that win over it: `password`, `tls.mode`, `tls.ca_file`,
+/// `tls.cert_file`, `tls.key_file`.
+///
+/// As in libpq, `require` with a CA file verifies the certificate chain (`verify-ca`): a CA
+/// given and then not checked would be a trap.
+pub fn connect_options(db: &DatabaseConfig) -> Result<PgConnectOptions, sqlx::Error> {
+    let mut options = PgConnectOptions::from_str(&db.url)?;
+    if !db.password.is_empty() {
+        options = options.password(db.password.expose());
+    }
+    if let Some(mode) = db.tls.mode {
+        options = options.ssl_mode(pg_ssl_mode(mode));
+    }
+    if let Some(path) = &db.tls.ca_file {
+        options = options.ssl_root_cert(path);
+    }
+    if let Some(path) = &db.tls.cert_file {
+        options = options.ssl_client_cert(path);
+    }
+    if let Some(path) = &db.tls.key_file {
+        options = options.ssl_client_key(path);
+    }
+    let [(_, ca), _, _] = db.tls_files();
+    if ca.is_some() && matches!(options.get_ssl_mode(), PgSslMode::Require) {
+        options = options.ssl_mode(PgSslMode::VerifyCa);
+    }
+    Ok(options)
+}
+
+fn pg_ssl_mode(mode: SslMode) -> PgSslMode {
+    match mode {
+        SslMode::Disable => PgSslMode::Disable,
+        SslMode::Allow => PgSslMode::Allow,
+        SslMode::Prefer => PgSslMode::Prefer,
+        SslMode::Require => PgSslMode::Require,
+        SslMode::VerifyCa => PgSslMode::VerifyCa,
+        SslMode::VerifyFull => PgSslMode::VerifyFull,
+    }
+}
+
+/// Opens one connection with the `[database]` settings, for statements outside the relay's
+/// pool (creating the demo's database). `allow` is resolved as in [`connect`].
+pub async fn connect_one(db: &DatabaseConfig) -> Result<sqlx::PgConnection, sqlx::Error> {
+    let options = connect_options(db)?;
+    let timeout = Duration::from_secs(db.connect_timeout_secs);
+    Ok(probe(&options, timeout).await?.1)
+}
+
 /// Opens the relay's pool. Every session gets `idle_in_transaction_session_timeout`, so a claim
 /// transaction of a relay that stopped talking is aborted and its rows released, and `jit = off`
-/// (see below).
+/// (see below). `statement_timeout` of zero sets neither timeout (for migrations).
 ///
 /// One plain connection is opened first: the pool's own first connect retries a refused
 /// connection silently until `connect_timeout` and then reports only "pool timed out", while
-/// this says what went wrong ("Connection refused", "password authentication failed") at once.
+/// this says what went wrong ("Connection refused", "password authentication failed", a
+/// certificate the relay does not trust) at once.
 pub async fn connect(
-    url: &str,
+    db: &DatabaseConfig,
     max_connections: u32,
-    connect_timeout: Duration,
-    claim_timeout: Duration,
+    statement_timeout: Duration,
 ) -> Result<PgPool, sqlx::Error> {
-    let options = PgConnectOptions::from_str(url)?
+    let connect_timeout = Duration::from_secs(db.connect_timeout_secs);
+    let options = connect_options(db)?
         .application_name("outbox-relay")
         .options([
             (
                 "idle_in_transaction_session_timeout",
-                format!("{}ms", claim_timeout.as_millis()),
+                format!("{}ms", statement_timeout.as_millis()),
             ),
             (
                 "statement_timeout",
-                format!("{}ms", claim_timeout.as_millis()),
+                format!("{}ms", statement_timeout.as_millis()),
             ),
             // The claim's estimated cost crosses `jit_above_cost` with a large backlog (the
             // ordered claim with a share of the slots especially), and compiling it costs 20 to
@@ -80,23 +135,46 @@ pub async fn connect(
             ("enable_bitmapscan", "off".to_string()),
         ])
         .log_statements(tracing::log::LevelFilter::Trace);
-    let probe = tokio::time::timeout(connect_timeout, options.connect())
-        .await
-        .map_err(|_| {
-            sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "no answer within database.connect_timeout_secs ({}s)",
-                    connect_timeout.as_secs()
-                ),
-            ))
-        })??;
+    let (options, probe) = probe(&options, connect_timeout).await?;
     let _ = probe.close().await;
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(connect_timeout)
         .connect_with(options)
         .await
+}
+
+/// One connection within `timeout`, and the options that made it. sqlx treats `allow` as
+/// `disable`; here it is libpq's `allow`: plaintext first, TLS (unverified) when the server
+/// refuses plaintext.
+async fn probe(
+    options: &PgConnectOptions,
+    timeout: Duration,
+) -> Result<(PgConnectOptions, sqlx::PgConnection), sqlx::Error> {
+    let attempt = |options: PgConnectOptions| async move {
+        let conn = tokio::time::timeout(timeout, options.connect())
+            .await
+            .map_err(|_| {
+                sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no answer within database.connect_timeout_secs ({}s)",
+                        timeout.as_secs()
+                    ),
+                ))
+            })??;
+        Ok::<_, sqlx::Error>((options, conn))
+    };
+    if !matches!(options.get_ssl_mode(), PgSslMode::Allow) {
+        return attempt(options.clone()).await;
+    }
+    let plaintext = options.clone().ssl_mode(PgSslMode::Disable);
+    match attempt(plaintext).await {
+        Err(e) if crate::error::plaintext_refused(&e) => {
+            attempt(options.clone().ssl_mode(PgSslMode::Require)).await
+        }
+        other => other,
+    }
 }
 
 /// Applies the migrations, keeping the relay's migration history in `outbox._sqlx_migrations`.
@@ -110,9 +188,15 @@ pub async fn connect(
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     // A connection of its own, closed afterwards: its search_path never reaches the pool.
     let mut conn = pool.acquire().await?.detach();
-    sqlx::query("CREATE SCHEMA IF NOT EXISTS outbox")
-        .execute(&mut conn)
-        .await?;
+    // Only when missing: even with IF NOT EXISTS, CREATE SCHEMA needs CREATE on the database,
+    // which the owner of an existing outbox schema need not have.
+    sqlx::query(
+        "DO $$ BEGIN
+           IF to_regnamespace('outbox') IS NULL THEN CREATE SCHEMA IF NOT EXISTS outbox; END IF;
+         END $$",
+    )
+    .execute(&mut conn)
+    .await?;
     adopt_history(&mut conn).await?;
     sqlx::query("SET search_path TO outbox, public")
         .execute(&mut conn)

@@ -5,9 +5,15 @@
 use sqlx::PgConnection;
 
 /// The tables the relay churns: rows inserted and deleted (or updated) all the time.
-const TABLES: &str = "outbox.messages, outbox.topic_counts, outbox.claim_floor, \
-                      outbox.relay_sleepers, outbox.partition_leases, outbox.relays, \
-                      outbox.ordering_members";
+pub const TABLES: &[&str] = &[
+    "outbox.messages",
+    "outbox.topic_counts",
+    "outbox.claim_floor",
+    "outbox.relay_sleepers",
+    "outbox.partition_leases",
+    "outbox.relays",
+    "outbox.ordering_members",
+];
 
 /// Whether autovacuum is off for the server or for `outbox.messages`.
 pub async fn autovacuum_off<'c, E: sqlx::PgExecutor<'c>>(conn: E) -> Result<bool, sqlx::Error> {
@@ -34,6 +40,28 @@ pub async fn dead_rows<'c, E: sqlx::PgExecutor<'c>>(conn: E) -> Result<i64, sqlx
     .await
 }
 
+/// The tables of [`TABLES`] that the connected role may not VACUUM. Before PostgreSQL 17 only a
+/// table's owner (or the database's, or a superuser) may; from 17 also a role with the MAINTAIN
+/// privilege on it (or `pg_maintain`). A VACUUM of a table the role may not vacuum does not fail:
+/// PostgreSQL skips it with a warning, so this is the only way to know.
+pub async fn not_vacuumable<'c, E: sqlx::PgExecutor<'c>>(
+    conn: E,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT t.name FROM unnest($1::text[]) WITH ORDINALITY AS t(name, ord)
+           JOIN pg_class c ON c.oid = to_regclass(t.name)
+          WHERE NOT pg_has_role(c.relowner, 'USAGE')
+            AND NOT pg_has_role((SELECT d.datdba FROM pg_database d
+                                  WHERE d.datname = current_database()), 'USAGE')
+            AND NOT CASE WHEN current_setting('server_version_num')::int >= 170000
+                         THEN has_table_privilege(c.oid, 'MAINTAIN') ELSE false END
+          ORDER BY t.ord",
+    )
+    .bind(TABLES)
+    .fetch_all(conn)
+    .await
+}
+
 /// What a [`vacuum`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Vacuumed {
@@ -43,17 +71,26 @@ pub enum Vacuumed {
     SkippedLocked,
 }
 
-/// Vacuums the churned tables on a connection of its own (VACUUM cannot run in a transaction,
-/// and must not be cut short by the pool sessions' statement timeout). Its lock conflicts with
-/// no enqueue, claim or mark; it waits at most 100 ms for a conflicting one and gives up.
+/// Vacuums the churned tables ([`TABLES`]) on a connection of its own (VACUUM cannot run in a
+/// transaction, and must not be cut short by the pool sessions' statement timeout). Its lock
+/// conflicts with no enqueue, claim or mark; it waits at most 100 ms for a conflicting one and
+/// gives up.
 pub async fn vacuum(conn: &mut PgConnection) -> Result<Vacuumed, sqlx::Error> {
+    vacuum_tables(conn, TABLES).await
+}
+
+/// [`vacuum`] of some of [`TABLES`] only: the ones the role may vacuum ([`not_vacuumable`]).
+pub async fn vacuum_tables(
+    conn: &mut PgConnection,
+    tables: &[&str],
+) -> Result<Vacuumed, sqlx::Error> {
     sqlx::query("SET statement_timeout = 0")
         .execute(&mut *conn)
         .await?;
     sqlx::query("SET lock_timeout = '100ms'")
         .execute(&mut *conn)
         .await?;
-    match sqlx::query(&format!("VACUUM (TRUNCATE false) {TABLES}"))
+    match sqlx::query(&format!("VACUUM (TRUNCATE false) {}", tables.join(", ")))
         .execute(&mut *conn)
         .await
     {

@@ -24,12 +24,13 @@
 mod config;
 mod service;
 mod sink;
+mod tls;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
-pub use config::{AmqpConfig, AmqpExchange, AmqpRoute, DEFAULT_URL};
+pub use config::{AmqpConfig, AmqpExchange, AmqpRoute, AmqpTls, DEFAULT_URL};
 pub use sink::AmqpSink;
 
 use crate::sinks::{route_topics, BrokerConfig, Sink, SinkError};

@@ -21,15 +21,18 @@ use futures::StreamExt;
 use lapin::auth::AuthProvider;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::{FieldTable, LongString, ShortString};
-use lapin::uri::{AMQPUri, SASLMechanism};
+use lapin::uri::{AMQPScheme, AMQPUri, SASLMechanism};
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event, ExchangeKind,
+    AsyncTcpStream, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
+    Event, ExchangeKind,
 };
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::config::{AmqpConfig, AmqpExchange};
+use super::config::{AmqpConfig, AmqpExchange, AmqpTls};
+use super::tls::{read_password_file, TlsSetup};
 use crate::sinks::SinkError;
+use crate::Secret;
 
 /// How often the supervisor looks at the connection state (besides the connection's error
 /// events, which arrive at once).
@@ -88,10 +91,16 @@ pub(super) struct AmqpService {
 /// What the supervisor needs to (re)connect.
 struct Settings {
     sink: String,
+    /// `sinks.<name>.`, the prefix of the keys errors name.
+    prefix: String,
+    /// The URI handed to lapin, without the password.
     uri: AMQPUri,
     /// The URL without its password, for logs and errors.
     redacted: String,
-    auth: Option<PlainAuth>,
+    login: Login,
+    /// `[tls]`, read again on every connection (renewed certificates are picked up); `None`
+    /// for `amqp://`.
+    tls: Option<AmqpTls>,
     declare: Vec<AmqpExchange>,
     check: Vec<String>,
     connect_timeout: Duration,
@@ -99,12 +108,68 @@ struct Settings {
     reconnect_max: Duration,
 }
 
+/// How the relay logs in.
+#[derive(Clone)]
+enum Login {
+    /// SASL PLAIN with a password from the URL or the `password` key.
+    Plain { user: String, password: Secret },
+    /// SASL PLAIN with the password of `password_file`, read on every connection (a rotated
+    /// secret is picked up at the next reconnection).
+    PlainFromFile {
+        user: String,
+        file: std::path::PathBuf,
+    },
+    /// SASL EXTERNAL: the broker takes the user name from the client certificate.
+    External,
+}
+
+impl Login {
+    /// `properties` with this login's provider for one connection attempt; errors name the
+    /// key to fix.
+    fn apply(
+        &self,
+        properties: ConnectionProperties,
+        prefix: &str,
+    ) -> Result<ConnectionProperties, String> {
+        let plain = |user: &str, password: &Secret| PlainAuth {
+            response: Secret::new(format!("\0{user}\0{}", password.expose())),
+        };
+        Ok(match self {
+            Login::Plain { user, password } => properties.with_auth_provider(plain(user, password)),
+            Login::PlainFromFile { user, file } => {
+                let password =
+                    read_password_file(file).map_err(|e| format!("{prefix}password_file: {e}"))?;
+                properties.with_auth_provider(plain(user, &password))
+            }
+            Login::External => properties.with_auth_provider(ExternalAuth),
+        })
+    }
+
+    /// What to say when the broker refused the login.
+    fn refused_hint(&self, prefix: &str, uri: &AMQPUri) -> String {
+        match self {
+            Login::External => format!(
+                "the broker refused the EXTERNAL login: the client certificate's subject ({prefix}tls.cert_file; its CN with RabbitMQ's ssl_cert_login_from = common_name) must be an existing RabbitMQ user allowed to use vhost {:?}, and the rabbitmq_auth_mechanism_ssl plugin enabled",
+                uri.vhost
+            ),
+            Login::Plain { user, .. } => format!(
+                "the broker refused the login: check the user and password (user {user:?}; the password from {prefix}password or {prefix}url) and that the user may use vhost {:?}",
+                uri.vhost
+            ),
+            Login::PlainFromFile { user, file } => format!(
+                "the broker refused the login: check the user and password (user {user:?}; the password in {}, {prefix}password_file) and that the user may use vhost {:?}",
+                file.display(),
+                uri.vhost
+            ),
+        }
+    }
+}
+
 /// SASL PLAIN, so that the password is not part of the URI handed to lapin (which keeps it in
 /// structures it may print with `Debug`); only the login frame carries it, and
 /// [`super::LOG_DIRECTIVES`] keep lapin's frame dumps out of the logs.
-#[derive(Clone)]
 struct PlainAuth {
-    response: String,
+    response: Secret,
 }
 
 impl AuthProvider for PlainAuth {
@@ -113,9 +178,14 @@ impl AuthProvider for PlainAuth {
     }
 
     fn auth_starter(&self) -> Result<LongString, String> {
-        Ok(LongString::from(self.response.clone()))
+        Ok(LongString::from(self.response.expose().to_string()))
     }
 }
+
+/// SASL EXTERNAL: an empty response; the TLS client certificate is the credential.
+struct ExternalAuth;
+
+impl AuthProvider for ExternalAuth {}
 
 impl AmqpService {
     /// Starts the supervisor. Never fails because the broker is down: it keeps reconnecting with
@@ -128,20 +198,33 @@ impl AmqpService {
                 format!("url {redacted:?} is not a valid AMQP URI: {e}"),
             )
         })?;
-        let auth = match uri.query.auth_mechanism {
-            None | Some(SASLMechanism::Plain) => {
-                let info = &mut uri.authority.userinfo;
-                let response = format!("\0{}\0{}", info.username, info.password);
-                info.password = "***".into();
-                Some(PlainAuth { response })
-            }
-            Some(_) => None,
+        let info = &mut uri.authority.userinfo;
+        let user = info.username.clone();
+        let login = match uri.query.auth_mechanism {
+            Some(SASLMechanism::External) => Login::External,
+            _ => match &config.password_file {
+                Some(file) => Login::PlainFromFile {
+                    user,
+                    file: file.clone(),
+                },
+                None if !config.password.is_empty() => Login::Plain {
+                    user,
+                    password: config.password.clone(),
+                },
+                None => Login::Plain {
+                    user,
+                    password: Secret::new(info.password.clone()),
+                },
+            },
         };
+        info.password = "***".into();
         let settings = Settings {
             sink: sink.to_string(),
+            prefix: format!("sinks.{sink}."),
+            tls: (uri.scheme == AMQPScheme::AMQPS).then(|| config.tls.clone()),
             uri,
             redacted,
-            auth,
+            login,
             declare: config.exchanges.clone(),
             check: config
                 .undeclared_exchanges()
@@ -395,24 +478,77 @@ async fn supervise(settings: Settings, tx: watch::Sender<Link>, stop: Cancellati
 type Events = std::pin::Pin<Box<dyn futures::Stream<Item = Event> + Send>>;
 
 /// Opens a connection, declares and checks the exchanges, and opens the publishing channel in
-/// confirm mode. Errors are sentences without credentials.
+/// confirm mode. Errors are sentences without credentials that name the setting to fix.
 async fn connect(s: &Settings) -> Result<(Connection, Channel, Events), String> {
-    let mut properties = ConnectionProperties::default()
+    let failed = |e: String| format!("cannot connect to RabbitMQ at {}: {e}", s.redacted);
+    let properties = ConnectionProperties::default()
         .with_connection_name(LongString::from(format!("outbox-relay/{}", s.sink)));
-    if let Some(auth) = &s.auth {
-        properties = properties.with_auth_provider(auth.clone());
-    }
-    let connection = Connection::connect_uri(s.uri.clone(), properties)
-        .await
-        .map_err(|e| {
-            let e = e.to_string();
-            let hint = if e.contains("ACCESS_REFUSED") {
-                "; the broker refused the login: check the user and password in the sink's url (and that the user may use the vhost)"
-            } else {
-                ""
+    let properties = s.login.apply(properties, &s.prefix).map_err(failed)?;
+    let tls = match &s.tls {
+        Some(tls) => Some(
+            TlsSetup::new(tls, &s.uri.authority.host)
+                .map_err(|e| failed(format!("{}{e}", s.prefix)))?,
+        ),
+        None => None,
+    };
+    // The TLS failure, in a sentence, when the handshake is what failed; and whether it
+    // succeeded (with TLS 1.3 the broker checks the client certificate after the client
+    // finished its part of the handshake, and may then just drop the connection).
+    let handshake = Arc::new(std::sync::Mutex::new(None::<String>));
+    let tls_up = Arc::new(AtomicBool::new(false));
+    let runtime = lapin::runtime::default_runtime().map_err(|e| failed(e.to_string()))?;
+    let (tls_in, handshake_in, prefix) = (tls.clone(), Arc::clone(&handshake), s.prefix.clone());
+    let tls_up_in = Arc::clone(&tls_up);
+    let opened = Connection::connector(
+        s.uri.clone(),
+        runtime,
+        async move |uri: AMQPUri, runtime| {
+            let host = (uri.authority.host.as_str(), uri.authority.port);
+            let addresses: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host(host).await?.collect();
+            let stream = AsyncTcpStream::connect(&runtime, addresses).await?;
+            let Some(tls) = &tls_in else {
+                return Ok(stream);
             };
-            format!("cannot connect to RabbitMQ at {}: {e}{hint}", s.redacted)
-        })?;
+            let stream = stream
+                .into_rustls(&tls.connector, &tls.server_name)
+                .await
+                .map_err(|e| {
+                    let sentence = tls.describe_failure(&e, &prefix);
+                    *handshake_in.lock().unwrap_or_else(|p| p.into_inner()) = Some(sentence);
+                    lapin::Error::from(e)
+                })?;
+            tls_up_in.store(true, Ordering::Release);
+            Ok(stream)
+        },
+        properties,
+    )
+    .await;
+    let connection = opened.map_err(|e| {
+        if let Some(sentence) = handshake.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return failed(sentence);
+        }
+        if let (Some(tls), lapin::ErrorKind::IOError(io)) = (&tls, e.kind()) {
+            if io.get_ref().is_some_and(|i| i.is::<rustls::Error>()) {
+                return failed(tls.describe_failure(io, &s.prefix));
+            }
+            if tls_up.load(Ordering::Acquire) && closed_before_handshake(&e) {
+                return failed(tls.describe_drop_after_handshake(&e.to_string(), &s.prefix));
+            }
+        }
+        let text = e.to_string();
+        let hint = if text.contains("ACCESS_REFUSED") {
+            format!("; {}", s.login.refused_hint(&s.prefix, &s.uri))
+        } else if tls.is_none() && closed_before_handshake(&e) {
+            format!(
+                "; the server closed the connection before the AMQP handshake: if the port is a TLS listener (RabbitMQ's 5671), use amqps:// in {}url",
+                s.prefix
+            )
+        } else {
+            String::new()
+        };
+        failed(format!("{text}{hint}"))
+    })?;
     let events: Events = Box::pin(connection.events_listener());
     match setup(&connection, s).await {
         Ok(channel) => Ok((connection, channel, events)),
@@ -511,6 +647,17 @@ async fn watch_link(live: &Live, events: &mut Events) -> String {
             }
         }
     }
+}
+
+/// Whether the connection ended before the broker's first AMQP frame: what a TLS listener does
+/// with a plaintext client.
+fn closed_before_handshake(e: &lapin::Error) -> bool {
+    let text = e.to_string().to_ascii_lowercase();
+    text.contains("eof")
+        || text.contains("reset")
+        || text.contains("closed")
+        || text.contains("broken pipe")
+        || text.contains("parse")
 }
 
 /// Records a returned message under its `message_id`.

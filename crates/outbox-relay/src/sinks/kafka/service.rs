@@ -2,7 +2,7 @@
 //! reports, fetch metadata. No SQL, no metrics, no retry policy here.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures::future::join_all;
@@ -17,14 +17,44 @@ use super::topics::Lookup;
 use crate::sinks::SinkError;
 
 /// Receives librdkafka's client-level events. `AllBrokersDown` makes the sink report itself
-/// unavailable at once instead of waiting for every message to time out.
+/// unavailable at once instead of waiting for every message to time out; a broker that refused
+/// the relay's TLS or SASL login is remembered ([`Refusal`]) so that the sink's errors say why.
 pub(super) struct KafkaContext {
     sink: String,
     brokers_down: Arc<AtomicBool>,
+    refusal: Refusal,
+}
+
+/// The last TLS or SASL refusal librdkafka reported, as a sentence naming the setting to fix;
+/// cleared when a broker answers.
+#[derive(Clone, Default)]
+pub(super) struct Refusal(Arc<Mutex<Option<String>>>);
+
+impl Refusal {
+    fn set(&self, sentence: String) -> bool {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = slot.as_deref() != Some(sentence.as_str());
+        *slot = Some(sentence);
+        changed
+    }
+
+    fn clear(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 impl ClientContext for KafkaContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        // Some connection failures (a handshake that times out) reach only the log.
+        if fac == "FAIL" {
+            if let Some(sentence) = refusal(&self.sink, None, log_message) {
+                self.refusal.set(sentence);
+            }
+        }
         match level {
             RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical => {
                 tracing::error!(sink = %self.sink, facility = fac, "librdkafka: {log_message}")
@@ -44,6 +74,13 @@ impl ClientContext for KafkaContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        if let Some(sentence) = refusal(&self.sink, error.rdkafka_error_code(), reason) {
+            // Logged when it changes; librdkafka repeats it on every reconnection.
+            if self.refusal.set(sentence.clone()) {
+                tracing::warn!(sink = %self.sink, error = %sentence, "a Kafka broker refused the connection");
+            }
+            return;
+        }
         match error.rdkafka_error_code() {
             Some(RDKafkaErrorCode::AllBrokersDown) => {
                 // Logged on the transition only; librdkafka repeats it while reconnecting.
@@ -66,6 +103,7 @@ pub(super) struct KafkaService {
     config: ClientConfig,
     producer: RwLock<Arc<Client>>,
     brokers_down: Arc<AtomicBool>,
+    refusal: Refusal,
     queue_full_timeout: Duration,
 }
 
@@ -93,14 +131,40 @@ impl KafkaService {
         queue_full_timeout: Duration,
     ) -> Result<Self, SinkError> {
         let brokers_down = Arc::new(AtomicBool::new(false));
-        let producer = create(sink, &config, &brokers_down)?;
+        let refusal = Refusal::default();
+        let producer = create(sink, &config, &brokers_down, &refusal)?;
         Ok(Self {
             sink: sink.into(),
             config,
             producer: RwLock::new(Arc::new(producer)),
             brokers_down,
+            refusal,
             queue_full_timeout,
         })
+    }
+
+    /// `e` with the broker's refusal of the relay in its place, when there is one and `e`
+    /// says the sink is unavailable: "timed out" is what a refused login looks like from here.
+    pub fn explain(&self, e: SinkError) -> SinkError {
+        if e.kind != crate::sinks::ErrorKind::Unavailable {
+            return e;
+        }
+        match self.refusal.get() {
+            Some(sentence) => SinkError::unavailable(
+                "auth",
+                format!(
+                    "Kafka at {} refused the relay: {sentence}",
+                    self.config.get("bootstrap.servers").unwrap_or_default()
+                ),
+            ),
+            None => e,
+        }
+    }
+
+    /// A broker answered: whatever refused the relay before is fixed.
+    fn answered(&self) {
+        self.brokers_down.store(false, Ordering::Release);
+        self.refusal.clear();
     }
 
     fn producer(&self) -> Arc<Client> {
@@ -128,10 +192,10 @@ impl KafkaService {
         .await
         .map_err(|e| SinkError::unavailable("internal", format!("metadata task failed: {e}")))?
         .map_err(|e| {
-            SinkError::unavailable(
+            self.explain(SinkError::unavailable(
                 "unreachable",
                 format!("cannot fetch Kafka cluster metadata: {e}"),
-            )
+            ))
         })?;
         if brokers == 0 {
             return Err(SinkError::unavailable(
@@ -139,7 +203,7 @@ impl KafkaService {
                 "the Kafka cluster reports no brokers",
             ));
         }
-        self.brokers_down.store(false, Ordering::Release);
+        self.answered();
         Ok(brokers)
     }
 
@@ -164,12 +228,12 @@ impl KafkaService {
         .await
         .map_err(|e| SinkError::unavailable("internal", format!("metadata task failed: {e}")))?
         .map_err(|e| {
-            SinkError::unavailable(
+            self.explain(SinkError::unavailable(
                 "unreachable",
                 format!("cannot fetch the metadata of Kafka topic {topic:?}: {e}"),
-            )
+            ))
         })?;
-        self.brokers_down.store(false, Ordering::Release);
+        self.answered();
         Ok(match answer {
             Some((None, partitions)) if partitions > 0 => Lookup::Exists,
             Some((Some(RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART), _)) => {
@@ -223,7 +287,7 @@ impl KafkaService {
                     if let Some(code) = e.rdkafka_error_code().filter(|c| needs_new_producer(*c)) {
                         reset.get_or_insert_with(|| (code, e.to_string()));
                     }
-                    Delivery::Failed(classify(&e))
+                    Delivery::Failed(self.explain(classify(&e)))
                 }
                 Err(_canceled) => Delivery::Failed(SinkError::unavailable(
                     "internal",
@@ -232,7 +296,7 @@ impl KafkaService {
             });
         }
         if any_stored {
-            self.brokers_down.store(false, Ordering::Release);
+            self.answered();
         }
         if let Some((code, reason)) = producer.client().fatal_error().or(reset) {
             self.replace_producer(&producer, code, &reason);
@@ -297,7 +361,7 @@ impl KafkaService {
             return; // another batch replaced it already
         }
         tracing::error!(sink = %self.sink, code = ?code, reason, "Kafka producer unusable; creating a new producer");
-        match create(&self.sink, &self.config, &self.brokers_down) {
+        match create(&self.sink, &self.config, &self.brokers_down, &self.refusal) {
             Ok(p) => {
                 let old = std::mem::replace(&mut *slot, Arc::new(p));
                 // Destroying a librdkafka client blocks; not on the async runtime.
@@ -314,10 +378,12 @@ fn create(
     sink: &str,
     config: &ClientConfig,
     brokers_down: &Arc<AtomicBool>,
+    refusal: &Refusal,
 ) -> Result<Client, SinkError> {
     let context = KafkaContext {
         sink: sink.into(),
         brokers_down: brokers_down.clone(),
+        refusal: refusal.clone(),
     };
     config.create_with_context(context).map_err(|e| {
         SinkError::permanent(
@@ -325,6 +391,59 @@ fn create(
             format!("librdkafka refused the producer configuration: {e}"),
         )
     })
+}
+
+/// A sentence for a broker connection that failed because of TLS or SASL, naming the setting
+/// to fix (below `sinks.<sink>.`); `None` for other failures (a broker down, a timeout).
+pub(super) fn refusal(sink: &str, code: Option<RDKafkaErrorCode>, reason: &str) -> Option<String> {
+    use RDKafkaErrorCode as C;
+    let p = format!("sinks.{sink}.");
+    let text = reason.to_ascii_lowercase();
+    let hint = if matches!(code, Some(C::Authentication | C::SaslAuthenticationFailed))
+        || text.contains("sasl authentication")
+        || text.contains("authentication failed")
+    {
+        format!(
+            "the broker refused the SASL login: check {p}librdkafka.\"sasl.username\", the password ({p}sasl_password_file or {p}sasl_password) and {p}librdkafka.\"sasl.mechanism\" (the broker must know the user for that mechanism)"
+        )
+    } else if text.contains("certificate verify failed") || text.contains("could not be verified") {
+        if text.contains("expired") {
+            "the broker's certificate has expired: renew it on the broker (if it is not expired, check this machine's clock)".to_string()
+        } else {
+            format!(
+                "the broker's certificate is not signed by a CA the relay trusts, or does not name the host in {p}brokers: set {p}librdkafka.\"ssl.ca.location\" to the CA that issued it"
+            )
+        }
+    } else if text.contains("connecting to a ssl listener") {
+        format!(
+            "the listener expects TLS: set {p}librdkafka.\"security.protocol\" to SSL or SASL_SSL and {p}librdkafka.\"ssl.ca.location\""
+        )
+    } else if text.contains("timed out in state ssl_handshake") {
+        // A plaintext listener reads the ClientHello as the start of a Kafka request and waits
+        // for the rest of it.
+        format!(
+            "the broker did not complete the TLS handshake: {p}librdkafka.\"security.protocol\" asks for TLS (SSL or SASL_SSL); check that this port is the broker's TLS listener and not a plaintext one"
+        )
+    } else if code == Some(C::SSL) || text.contains("ssl handshake failed") {
+        if text.contains("wrong version number")
+            || text.contains("packet length too long")
+            || text.contains("record layer failure")
+            || text.contains("unexpected eof")
+        {
+            format!(
+                "the broker did not answer in TLS: {p}librdkafka.\"security.protocol\" asks for TLS (SSL or SASL_SSL) but this listener is plaintext"
+            )
+        } else if text.contains("alert") {
+            format!(
+                "the broker refused the relay's client certificate or requires one: set {p}librdkafka.\"ssl.certificate.location\" and \"ssl.key.location\" to a certificate signed by a CA the broker trusts"
+            )
+        } else {
+            format!("check the TLS settings ({p}librdkafka.\"ssl.*\")")
+        }
+    } else {
+        return None;
+    };
+    Some(format!("{reason}: {hint}"))
 }
 
 /// Sorts a librdkafka error into: the whole sink is unavailable (retry later, no attempt
@@ -458,6 +577,29 @@ mod tests {
         );
         assert!(needs_new_producer(RDKafkaErrorCode::Unknown));
         assert!(!needs_new_producer(RDKafkaErrorCode::MessageTimedOut));
+    }
+
+    #[test]
+    fn tls_and_sasl_refusals_name_the_setting() {
+        use RDKafkaErrorCode as C;
+        let said = |code, reason: &str| refusal("k", Some(code), reason).unwrap();
+        let e = said(C::Authentication, "sasl_plaintext://127.0.0.1:9092/bootstrap: SASL authentication error: Authentication failed");
+        assert!(e.contains("sinks.k.sasl_password_file"), "{e}");
+        let e = said(C::SSL, "ssl://b:9093/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate verify failed: broker certificate could not be verified");
+        assert!(
+            e.contains("set sinks.k.librdkafka.\"ssl.ca.location\""),
+            "{e}"
+        );
+        let e = said(C::SSL, "ssl://b:9092/bootstrap: SSL handshake failed: error:0A00010B:SSL routines::wrong version number");
+        assert!(e.contains("this listener is plaintext"), "{e}");
+        let e = said(C::BrokerTransportFailure, "b:9093/bootstrap: Disconnected while requesting ApiVersion: might be caused by incorrect security.protocol configuration (connecting to a SSL listener?)");
+        assert!(e.contains("the listener expects TLS"), "{e}");
+        let e = said(C::BrokerTransportFailure, "ssl://b:9092/bootstrap: Connection setup timed out in state SSL_HANDSHAKE (after 5002ms in state SSL_HANDSHAKE)");
+        assert!(
+            e.contains("did not complete the TLS handshake") && e.contains("security.protocol"),
+            "{e}"
+        );
+        assert!(refusal("k", Some(C::BrokerTransportFailure), "Connection refused").is_none());
     }
 
     #[test]

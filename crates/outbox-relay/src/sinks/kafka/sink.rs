@@ -32,15 +32,22 @@ impl KafkaSink {
             .map(|r| format!("{:?} -> {}", r.topics, r.topic))
             .collect::<Vec<_>>()
             .join("; ");
+        let setting = |k: &str| config.librdkafka.get(k).map_or("", String::as_str);
         tracing::info!(
             sink = name,
             brokers = %config.brokers,
             routes = %routes,
+            security_protocol = setting("security.protocol"),
+            sasl_mechanism = setting("sasl.mechanism"),
+            sasl_username = setting("sasl.username"),
             "Kafka sink"
         );
+        let client_config = config
+            .client_config()
+            .map_err(|e| SinkError::permanent("config", format!("sinks.{name}.{e}")))?;
         let service = KafkaService::new(
             name,
-            config.client_config(),
+            client_config,
             Duration::from_millis(config.queue_full_timeout_ms),
         )?;
         let topics = Topics::new(config.missing_topic_grace());
@@ -118,10 +125,10 @@ impl Sink for KafkaSink {
 
     async fn publish(&self, batch: &[Envelope<'_>]) -> Vec<Outcome> {
         if self.service.brokers_down() {
-            let e = SinkError::unavailable(
+            let e = self.service.explain(SinkError::unavailable(
                 "unreachable",
                 "librdkafka reports that no Kafka broker is reachable",
-            );
+            ));
             return vec![Outcome::Failed(e); batch.len()];
         }
         let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(batch.len());

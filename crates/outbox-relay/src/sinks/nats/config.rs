@@ -1,18 +1,48 @@
 //! `kind = "nats"`: the NATS sink's settings, their defaults and their validation.
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
+use super::security;
+use crate::redact::Secret;
 use crate::sinks::{validate_template, RouteTopics};
 
 /// Local NATS with JetStream.
 pub const DEFAULT_URL: &str = "nats://127.0.0.1:4222";
 
 /// `kind = "nats"`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
-    /// `nats://[user:password@]host:port`; credentials are never logged.
+    /// `nats://host:port` or `tls://host:port` (TLS required); credentials in it
+    /// (`nats://user:password@host`, `nats://token@host`) still work but are better set with
+    /// the keys below, which keep them out of the URL. Never logged with its secret.
     pub url: String,
+    /// TLS: the CA that signs the server's certificate, a client certificate, whether TLS is
+    /// required.
+    pub tls: NatsTlsConfig,
+    /// User name, with `password` or `password_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The user's password. Prefer `password_file` (or `OUTBOX_SINKS__<NAME>__PASSWORD`).
+    pub password: Secret,
+    /// A file holding the user's password; one trailing newline is ignored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// An authentication token (the server's `authorization { token }`).
+    pub token: Secret,
+    /// A file holding the token; one trailing newline is ignored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// A file holding an NKey user seed (`SU…`, as `nk -gen user` writes it): the relay signs
+    /// the server's challenge with it, the seed never leaves the process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nkey_seed_file: Option<PathBuf>,
+    /// A `.creds` file (a user JWT and its NKey seed, as `nsc` writes it), for servers in
+    /// operator (decentralised JWT) mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<PathBuf>,
     /// The stream the subjects belong to; checked at start, created when `create = true`.
     pub stream: NatsStreamConfig,
     pub routes: Vec<NatsRoute>,
@@ -20,10 +50,64 @@ pub struct NatsConfig {
     pub connect_timeout_secs: u64,
 }
 
+/// `[sinks.<name>.tls]`. Setting any file implies `required`; so does a `tls://` URL.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsTlsConfig {
+    /// Refuse to talk to a server that does not offer TLS (otherwise TLS is used when the
+    /// server requires it, verified against the system's CAs).
+    pub required: bool,
+    /// PEM file of the CA(s) that sign the server's certificate. When set, only these are
+    /// trusted (not the system's CAs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM file of the client certificate, for servers that verify clients (`verify: true`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM file of the client certificate's private key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl NatsTlsConfig {
+    /// Whether a file is set: then the relay talks TLS or not at all.
+    pub fn any_file(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
+    }
+}
+
+/// The URL with its credentials redacted; secrets print as `***` ([`Secret`]).
+impl std::fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("url", &crate::redact_url(&self.url))
+            .field("tls", &self.tls)
+            .field("user", &self.user)
+            .field("password", &self.password)
+            .field("password_file", &self.password_file)
+            .field("token", &self.token)
+            .field("token_file", &self.token_file)
+            .field("nkey_seed_file", &self.nkey_seed_file)
+            .field("credentials_file", &self.credentials_file)
+            .field("stream", &self.stream)
+            .field("routes", &self.routes)
+            .field("connect_timeout_secs", &self.connect_timeout_secs)
+            .finish()
+    }
+}
+
 impl Default for NatsConfig {
     fn default() -> Self {
         Self {
             url: DEFAULT_URL.into(),
+            tls: NatsTlsConfig::default(),
+            user: None,
+            password: Secret::default(),
+            password_file: None,
+            token: Secret::default(),
+            token_file: None,
+            nkey_seed_file: None,
+            credentials_file: None,
             stream: NatsStreamConfig::default(),
             routes: vec![NatsRoute {
                 topics: vec!["*".into()],
@@ -138,6 +222,10 @@ impl NatsConfig {
         {
             return Err("stream.max_bytes and stream.max_msgs must be at most 2^63 - 1".into());
         }
+        // The files are read and parsed as the sink will at start (and dropped again), so that
+        // a missing, unreadable or malformed one stops the relay here, naming its key.
+        security::check_tls_files(&self.tls)?;
+        security::Auth::from_config(self)?;
         for (i, route) in self.routes.iter().enumerate() {
             validate_template(&format!("routes[{i}].subject"), &route.subject)?;
             // Checked with every placeholder filled in, so that only what a row brings in can

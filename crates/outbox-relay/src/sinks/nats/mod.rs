@@ -6,6 +6,7 @@
 //! The whole batch is sent first and the acknowledgements are awaited afterwards.
 
 mod config;
+mod security;
 mod service;
 mod sink;
 
@@ -13,7 +14,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-pub use config::{NatsConfig, NatsRoute, NatsStreamConfig, DEFAULT_URL};
+pub use config::{NatsConfig, NatsRoute, NatsStreamConfig, NatsTlsConfig, DEFAULT_URL};
 pub use sink::NatsSink;
 
 use crate::sinks::{route_topics, BrokerConfig, Sink, SinkError};

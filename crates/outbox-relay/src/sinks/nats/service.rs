@@ -17,7 +17,8 @@ use async_nats::{ClientError, Event, ServerError};
 use bytes::Bytes;
 use futures::future::join_all;
 
-use super::config::NatsStreamConfig;
+use super::config::{NatsConfig, NatsStreamConfig};
+use super::security::{self, split_credentials, Auth, Finding, Probe};
 use crate::sinks::SinkError;
 
 /// Acks allowed in flight on one connection: several batches' worth, so a batch never waits for
@@ -55,28 +56,36 @@ pub(super) enum Ack {
 
 impl NatsService {
     /// Connects in the background: a broker that is down at start is not an error here, the
-    /// client keeps reconnecting and [`NatsService::is_connected`] says when it is up.
+    /// client keeps reconnecting and [`NatsService::is_connected`] says when it is up. Reads the
+    /// TLS files (errors name the key); `auth` is the sink's authentication, its secret read.
     pub async fn connect(
-        url: &str,
+        config: &NatsConfig,
+        auth: &Auth,
         name: &str,
-        timeout: Duration,
         ack_timeout: Duration,
     ) -> Result<Self, SinkError> {
-        let link = Arc::new(Link::new(name, url));
+        let invalid = |e: String| SinkError::unavailable("config", format!("sinks.{name}.{e}"));
+        let timeout = Duration::from_secs(config.connect_timeout_secs);
+        let tls = security::tls_client_config(&config.tls).map_err(invalid)?;
+        let (address, _) = split_credentials(&config.url);
+        let probe = Probe::new(name, &config.url, &config.tls, Arc::clone(&tls), timeout);
+        let link = Arc::new(Link::new(name, &config.url, auth.refused_hint(name), probe));
         let events = Arc::clone(&link);
-        let (address, credentials) = split_credentials(url);
-        let options = match credentials {
-            Credentials::None => async_nats::ConnectOptions::new(),
-            Credentials::UserPassword(user, password) => {
-                async_nats::ConnectOptions::with_user_and_password(user, password)
-            }
-            Credentials::Token(token) => async_nats::ConnectOptions::with_token(token),
-        };
+        let options = auth.options().map_err(|e| {
+            invalid(format!(
+                "credentials_file: not a NATS credentials file ({e}): point it at the user's .creds file"
+            ))
+        })?;
         let client = options
+            .tls_client_config((*tls).clone())
+            .require_tls(security::requires_tls(&config.url, &config.tls))
             .name(format!("outbox-relay/{name}"))
             .event_callback(move |event| {
                 let link = Arc::clone(&events);
-                async move { link.on_event(event, Instant::now()) }
+                async move {
+                    let finding = link.diagnose(&event).await;
+                    link.on_event(event, finding, Instant::now())
+                }
             })
             .connection_timeout(timeout)
             .retry_on_initial_connect()
@@ -349,60 +358,6 @@ fn limit_differences(wanted: &StreamConfig, existing: &StreamConfig) -> Vec<Stri
     out
 }
 
-/// What the URL says to authenticate with.
-#[derive(Debug, PartialEq)]
-enum Credentials {
-    None,
-    /// `nats://user:password@host`.
-    UserPassword(String, String),
-    /// `nats://token@host`: NATS reads a user name without a password as a token.
-    Token(String),
-}
-
-/// The URL without its credentials, and the credentials. async_nats sends only the
-/// credentials set on its `ConnectOptions` and ignores those in the URL (0.51 reads them from
-/// the URL nowhere), so a `nats://user:password@host` URL would connect without them and be
-/// refused with "authorization violation" whatever the password.
-fn split_credentials(raw: &str) -> (String, Credentials) {
-    let Ok(mut url) = url::Url::parse(raw) else {
-        return (raw.to_owned(), Credentials::None);
-    };
-    let user = percent_decode(url.username());
-    let password = url.password().map(percent_decode);
-    let credentials = match (user.is_empty(), password) {
-        (true, None) => return (raw.to_owned(), Credentials::None),
-        (_, Some(password)) => Credentials::UserPassword(user, password),
-        (false, None) => Credentials::Token(user),
-    };
-    let _ = url.set_username("");
-    let _ = url.set_password(None);
-    (url.to_string(), credentials)
-}
-
-/// `%xx` escapes decoded (a password with `@` or `:` is written `%40`, `%3A` in a URL).
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 fn stream_missing(kind: GetStreamErrorKind) -> bool {
     matches!(kind, GetStreamErrorKind::JetStream(e) if e.error_code() == ErrorCode::STREAM_NOT_FOUND)
 }
@@ -415,8 +370,18 @@ pub(super) struct Link {
     sink: String,
     /// The server's URL with its credentials redacted.
     url: String,
+    /// What to check when the server refuses the credentials (names the sink's keys).
+    refused_hint: String,
     state: Mutex<LinkState>,
+    /// Diagnoses a failed attempt ([`Probe`]); `None` for a URL without a host.
+    probe: Option<Probe>,
+    /// The last diagnosis and when it ran: attempts come several a second at first, and one
+    /// probe says the same for all of them.
+    last_finding: Mutex<Option<(Instant, Option<Finding>)>>,
 }
+
+/// How long a diagnosis stands for the attempts that fail after it.
+const FINDING_FRESH_FOR: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Default)]
 struct LinkState {
@@ -435,6 +400,8 @@ struct LinkState {
 enum Cause {
     /// The server refused the credentials.
     Authorization,
+    /// The TLS handshake failed, or TLS is required on one side and missing on the other.
+    Tls(String),
     Other(String),
 }
 
@@ -448,18 +415,43 @@ enum Note {
 }
 
 impl Link {
-    fn new(sink: &str, url: &str) -> Self {
+    fn new(sink: &str, url: &str, refused_hint: String, probe: Option<Probe>) -> Self {
         Self {
             sink: sink.to_owned(),
             url: crate::redact_url(url),
+            refused_hint,
             state: Mutex::new(LinkState::default()),
+            probe,
+            last_finding: Mutex::new(None),
         }
     }
 
-    fn on_event(&self, event: Event, now: Instant) {
+    /// The cause of a failed connection attempt, when async-nats's event names only the kind
+    /// of error ("IO error", "TLS error"): a fresh diagnosis, or the last one if it is recent.
+    async fn diagnose(&self, event: &Event) -> Option<Finding> {
+        let Event::ClientError(ClientError::Other(e)) = event else {
+            return None;
+        };
+        if e.contains("authorization violation") {
+            return None;
+        }
+        let probe = self.probe.as_ref()?;
+        let now = Instant::now();
+        if let Some((at, finding)) = &*self.last_finding.lock().unwrap_or_else(|e| e.into_inner()) {
+            if now.duration_since(*at) < FINDING_FRESH_FOR {
+                return finding.clone();
+            }
+        }
+        let finding = probe.diagnose().await;
+        *self.last_finding.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((Instant::now(), finding.clone()));
+        finding
+    }
+
+    fn on_event(&self, event: Event, finding: Option<Finding>, now: Instant) {
         let note = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            state.note(event, now, &self.url)
+            state.note(event, finding, now, &self.url, &self.refused_hint)
         };
         let sink = self.sink.as_str();
         match note {
@@ -473,8 +465,16 @@ impl Link {
     fn not_connected(&self) -> SinkError {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         match &state.cause {
-            Some(Cause::Authorization) => {
-                SinkError::unavailable("auth", authorization_refused(&self.url))
+            Some(Cause::Authorization) => SinkError::unavailable(
+                "auth",
+                format!(
+                    "not connected to NATS at {}: {}",
+                    self.url,
+                    authorization_refused(&self.refused_hint)
+                ),
+            ),
+            Some(Cause::Tls(e)) => {
+                SinkError::unavailable("tls", format!("not connected to NATS at {}: {e}", self.url))
             }
             Some(Cause::Other(e)) => SinkError::unavailable(
                 "disconnected",
@@ -491,15 +491,19 @@ impl Link {
     }
 }
 
-fn authorization_refused(url: &str) -> String {
-    format!(
-        "not connected to NATS at {url}: the server refused the credentials (authorization \
-         violation); check the user and password (or token) in the sink's url"
-    )
+fn authorization_refused(hint: &str) -> String {
+    format!("the server refused the credentials (authorization violation); {hint}")
 }
 
 impl LinkState {
-    fn note(&mut self, event: Event, now: Instant, url: &str) -> Note {
+    fn note(
+        &mut self,
+        event: Event,
+        finding: Option<Finding>,
+        now: Instant,
+        url: &str,
+        refused_hint: &str,
+    ) -> Note {
         match event {
             Event::Connected => {
                 let note = match (self.ever_connected, self.down_since) {
@@ -535,11 +539,20 @@ impl LinkState {
                 let cause = if e.contains("authorization violation") {
                     Cause::Authorization
                 } else {
-                    Cause::Other(e)
+                    match finding {
+                        Some(Finding { tls: true, text }) => Cause::Tls(text),
+                        Some(Finding { tls: false, text }) => Cause::Other(text),
+                        None => Cause::Other(e),
+                    }
                 };
                 let text = match &cause {
-                    Cause::Authorization => authorization_refused(url),
-                    Cause::Other(e) => format!("cannot connect to NATS at {url}: {e}"),
+                    Cause::Authorization => format!(
+                        "cannot connect to NATS at {url}: {}",
+                        authorization_refused(refused_hint)
+                    ),
+                    Cause::Tls(e) | Cause::Other(e) => {
+                        format!("cannot connect to NATS at {url}: {e}")
+                    }
                 };
                 // A change of kind (unreachable → credentials refused) is news; another attempt
                 // failing the same way is not.
@@ -578,8 +591,8 @@ impl LinkState {
             }
             Event::ClientError(e) => Note::Warn(format!("NATS client at {url}: {e}")),
             Event::ServerError(ServerError::AuthorizationViolation) => Note::Warn(format!(
-                "NATS at {url} answered \"authorization violation\": the user in the sink's \
-                 url may not publish to a subject or use JetStream; check its permissions"
+                "NATS at {url} answered \"authorization violation\": the sink's user may not \
+                 publish to a subject or use JetStream; check its permissions on the server"
             )),
             Event::ServerError(e) => Note::Warn(format!("NATS at {url} reported an error: {e}")),
             Event::LameDuckMode => Note::Warn(format!(
@@ -596,6 +609,7 @@ mod tests {
     use super::*;
 
     const URL: &str = "nats://relay:***@127.0.0.1:4222";
+    const HINT: &str = "check the user and password in sinks.events.url";
 
     fn io_error() -> Event {
         Event::ClientError(ClientError::Other("IO error".into()))
@@ -610,49 +624,77 @@ mod tests {
         let t0 = Instant::now();
         let mut s = LinkState::default();
         // Down at start: the first failure warns, the next attempts are debug lines.
-        let first = s.note(io_error(), t0, URL);
+        let first = s.note(io_error(), None, t0, URL, HINT);
         assert!(matches!(&first, Note::Warn(m) if m.contains(URL) && m.contains("IO error")));
         for i in 1..50 {
-            let n = s.note(io_error(), t0 + Duration::from_millis(i * 100), URL);
+            let n = s.note(
+                io_error(),
+                None,
+                t0 + Duration::from_millis(i * 100),
+                URL,
+                HINT,
+            );
             assert!(matches!(n, Note::Debug(_)), "{n:?}");
         }
         // A minute later: one reminder, with how long and how many.
-        let n = s.note(io_error(), t0 + STILL_DOWN_EVERY, URL);
+        let n = s.note(io_error(), None, t0 + STILL_DOWN_EVERY, URL, HINT);
         assert!(
             matches!(&n, Note::Warn(m) if m.contains("down for 60s")),
             "{n:?}"
         );
         assert!(!is_warn(&s.note(
             io_error(),
+            None,
             t0 + STILL_DOWN_EVERY + Duration::from_secs(1),
-            URL
+            URL,
+            HINT
         )));
         // A new cause is a change: it warns at once.
         let auth = Event::ClientError(ClientError::Other("authorization violation".into()));
-        let n = s.note(auth, t0 + Duration::from_secs(61), URL);
+        let n = s.note(auth, None, t0 + Duration::from_secs(61), URL, HINT);
         assert!(
             matches!(&n, Note::Warn(m) if m.contains("refused the credentials")),
             "{n:?}"
         );
         // Connected, disconnected, reconnected: one line each.
         assert!(matches!(
-            s.note(Event::Connected, t0 + Duration::from_secs(62), URL),
+            s.note(
+                Event::Connected,
+                None,
+                t0 + Duration::from_secs(62),
+                URL,
+                HINT
+            ),
             Note::Info(_)
         ));
         assert!(is_warn(&s.note(
             Event::Disconnected,
+            None,
             t0 + Duration::from_secs(70),
-            URL
+            URL,
+            HINT
         )));
         assert_eq!(
-            s.note(Event::Disconnected, t0 + Duration::from_secs(70), URL),
+            s.note(
+                Event::Disconnected,
+                None,
+                t0 + Duration::from_secs(70),
+                URL,
+                HINT
+            ),
             Note::Nothing
         );
         assert!(
-            !is_warn(&s.note(io_error(), t0 + Duration::from_secs(71), URL)),
+            !is_warn(&s.note(io_error(), None, t0 + Duration::from_secs(71), URL, HINT)),
             "the disconnect already warned"
         );
-        let n = s.note(Event::Connected, t0 + Duration::from_secs(75), URL);
+        let n = s.note(
+            Event::Connected,
+            None,
+            t0 + Duration::from_secs(75),
+            URL,
+            HINT,
+        );
         assert!(
             matches!(&n, Note::Info(m) if m.contains("again after 5s")),
             "{n:?}"
@@ -661,7 +703,12 @@ mod tests {
 
     #[test]
     fn the_health_error_names_the_url_and_the_cause() {
-        let link = Link::new("events", "nats://relay:s3cret@127.0.0.1:4222");
+        let link = Link::new(
+            "events",
+            "nats://relay:s3cret@127.0.0.1:4222",
+            HINT.into(),
+            None,
+        );
         let e = link.not_connected();
         assert!(
             e.message.contains("nats://relay:***@127.0.0.1:4222"),
@@ -670,6 +717,7 @@ mod tests {
         );
         link.on_event(
             Event::ClientError(ClientError::Other("authorization violation".into())),
+            None,
             Instant::now(),
         );
         let e = link.not_connected();
@@ -678,28 +726,6 @@ mod tests {
             e.message.contains("authorization violation") && !e.message.contains("s3cret"),
             "{}",
             e.message
-        );
-    }
-
-    #[test]
-    fn credentials_leave_the_url_for_the_connect_options() {
-        assert_eq!(
-            split_credentials("nats://relay:p%40ss@127.0.0.1:4222"),
-            (
-                "nats://127.0.0.1:4222".to_string(),
-                Credentials::UserPassword("relay".into(), "p@ss".into())
-            )
-        );
-        assert_eq!(
-            split_credentials("tls://s3cr3t@nats.example:4222"),
-            (
-                "tls://nats.example:4222".to_string(),
-                Credentials::Token("s3cr3t".into())
-            )
-        );
-        assert_eq!(
-            split_credentials("nats://127.0.0.1:4222"),
-            ("nats://127.0.0.1:4222".to_string(), Credentials::None)
         );
     }
 

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::config::{check_subject, NatsConfig};
+use super::security::{self, Auth};
 use super::service::{Ack, NatsService, Outgoing, NO_STREAM};
 use crate::sinks::{
     complete_outcomes, message_headers, render_template, Envelope, ErrorKind, Outcome, Sink,
@@ -22,22 +23,21 @@ pub struct NatsSink {
 impl NatsSink {
     pub async fn new(name: &str, config: NatsConfig) -> Result<Self, SinkError> {
         let stream = &config.stream;
+        let auth = Auth::from_config(&config)
+            .map_err(|e| SinkError::unavailable("config", format!("sinks.{name}.{e}")))?;
         tracing::info!(
             sink = name,
             url = %crate::redact_url(&config.url),
+            tls = %security::describe_tls(&config),
+            auth = %auth.describe(name),
             stream = %stream.name,
             stream_create = stream.create,
             stream_subjects = ?stream.subjects,
             routes = %describe_routes(&config),
             "NATS sink"
         );
-        let service = NatsService::connect(
-            &config.url,
-            name,
-            Duration::from_secs(config.connect_timeout_secs),
-            Duration::from_secs(10),
-        )
-        .await?;
+        security::warn_about_exposure(name, &config, &auth);
+        let service = NatsService::connect(&config, &auth, name, Duration::from_secs(10)).await?;
         // Give the first connection a moment so a healthy broker is not reported down at start;
         // a broker that is down is not an error here (the relay's breaker probes it).
         let deadline =
