@@ -44,10 +44,11 @@ async fn enqueue(db: &TestDb, topic: &str, key: Option<&str>, n: usize) -> Vec<i
 /// Schedules row `id` for a retry an hour ahead, as a failed attempt does.
 async fn retry_in_an_hour(db: &TestDb, id: i64) {
     let mut tx = db.pool.begin().await.unwrap();
+    let row = lock_rows(&mut tx, &[id]).await.remove(0);
     store::schedule_retries(
         &mut tx,
         &[store::Retry {
-            id,
+            row,
             delay: std::time::Duration::from_secs(3600),
             error: "broker down".into(),
         }],
@@ -183,7 +184,8 @@ async fn a_dead_letter_retried_below_the_floor_is_claimed() {
     let mut conn = db.pool.acquire().await.unwrap().detach();
     let ids = enqueue(&db, "f.x", Some("k"), 3).await;
     let mut tx = db.pool.begin().await.unwrap();
-    store::dead_letter(&mut tx, &ids[..1], &["rejected".to_string()])
+    let head = lock_rows(&mut tx, &ids[..1]).await;
+    store::dead_letter(&mut tx, &head, &["rejected".to_string()])
         .await
         .unwrap();
     tx.commit().await.unwrap();

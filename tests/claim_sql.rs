@@ -30,7 +30,7 @@ async fn fill(db: &TestDb) {
         .unwrap();
 }
 
-fn assert_claimed(rows: &[outbox_relay::message::OutboxRow], limit: usize) {
+fn assert_claimed(rows: &[outbox_relay::message::Claimed], limit: usize) {
     assert!(
         !rows.is_empty() && rows.len() <= limit,
         "{} rows",

@@ -103,7 +103,7 @@ async fn lag_counts_stay_exact_under_concurrent_enqueue_delete_and_compaction() 
                     tokio::task::yield_now().await;
                     continue;
                 }
-                let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+                let ids: Vec<_> = rows.iter().map(|r| r.locked()).collect();
                 // A mix of what the relay does with a batch: most delivered (deleted, or moved
                 // to outbox.sent as with retention), some dead-lettered, some retried later.
                 let third = ids.len() / 3;
@@ -116,8 +116,8 @@ async fn lag_counts_stay_exact_under_concurrent_enqueue_delete_and_compaction() 
                 store::dead_letter(&mut tx, dead, &errors).await.unwrap();
                 let retries: Vec<store::Retry> = retry
                     .iter()
-                    .map(|&id| store::Retry {
-                        id,
+                    .map(|row| store::Retry {
+                        row: row.clone(),
                         delay: Duration::from_millis(5),
                         error: "nack".into(),
                     })

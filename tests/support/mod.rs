@@ -36,3 +36,22 @@ impl StartRelay for RelayProcess {
         RelayProcess::spawn(&relay_bin(), config_toml, env)
     }
 }
+
+/// Locks the rows of `outbox.messages` with these ids (`FOR UPDATE`, in `conn`'s transaction), as
+/// a claim does, and returns them as the completion statements address them, in id order: for
+/// completing rows the test did not claim.
+pub async fn lock_rows(
+    conn: &mut sqlx::PgConnection,
+    ids: &[i64],
+) -> Vec<outbox_relay::message::Locked> {
+    let rows: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT id, ctid::text FROM outbox.messages WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await
+    .expect("lock the rows");
+    rows.into_iter()
+        .map(|(id, ctid)| outbox_relay::message::Locked { id, ctid })
+        .collect()
+}

@@ -18,3 +18,45 @@ pub struct OutboxRow {
     /// Failed attempts so far.
     pub attempts: i32,
 }
+
+/// A claimed row and its physical address, the `ctid` (PostgreSQL's text form, `(block,item)`),
+/// as the claim returned it. The completion of the batch addresses the row by its `ctid`
+/// ([`Locked`]): the claim transaction holds the row's lock until it ends, so nothing can update,
+/// delete or move the row meanwhile (see [`crate::store::complete`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claimed {
+    pub row: OutboxRow,
+    pub ctid: String,
+}
+
+impl Claimed {
+    /// The row, and how its completion addresses it.
+    pub fn into_parts(self) -> (OutboxRow, Locked) {
+        let locked = self.locked();
+        (self.row, locked)
+    }
+
+    /// How the completion addresses the row.
+    pub fn locked(&self) -> Locked {
+        Locked {
+            id: self.row.id,
+            ctid: self.ctid.clone(),
+        }
+    }
+}
+
+impl std::ops::Deref for Claimed {
+    type Target = OutboxRow;
+
+    fn deref(&self) -> &OutboxRow {
+        &self.row
+    }
+}
+
+/// A row that the current transaction holds locked (`FOR UPDATE`), as the completion statements
+/// address it: by `ctid`, with the id to check that they touched exactly these rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Locked {
+    pub id: i64,
+    pub ctid: String,
+}

@@ -65,10 +65,10 @@ pub async fn ceiling(o: &Opts) -> anyhow::Result<CeilingResult> {
                         tx.commit().await?;
                         return Ok::<_, sqlx::Error>(());
                     }
-                    let ids: Vec<i64> = claimed.iter().map(|r| r.id).collect();
-                    outbox_relay::store::mark_sent(&mut tx, &ids, false).await?;
+                    let locked: Vec<_> = claimed.iter().map(|r| r.locked()).collect();
+                    outbox_relay::store::mark_sent(&mut tx, &locked, false).await?;
                     tx.commit().await?;
-                    rows.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                    rows.fetch_add(locked.len() as u64, Ordering::Relaxed);
                 }
             })
         })

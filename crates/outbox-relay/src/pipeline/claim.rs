@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::PgConnection;
 
-use crate::message::OutboxRow;
+use crate::message::Claimed;
 use crate::store;
 
 /// The slots this relay holds, kept by the cluster heartbeat and read by every claim.
@@ -93,7 +93,8 @@ impl Claimer {
         matches!(self.order, Order::Ordered { .. })
     }
 
-    /// One claim in the caller's transaction; returns the rows and how long the statement took.
+    /// One claim in the caller's transaction; returns the rows (with their `ctid`s, which the
+    /// completion addresses them by) and how long the statement took.
     ///
     /// In ordered mode worker `worker` claims keyed rows only from the owned slots with
     /// `slot % workers == worker`, so the workers of one relay never claim the same key at once.
@@ -108,7 +109,7 @@ impl Claimer {
         conn: &mut PgConnection,
         worker: usize,
         excluded: &[String],
-    ) -> Result<(Vec<OutboxRow>, Duration), sqlx::Error> {
+    ) -> Result<(Vec<Claimed>, Duration), sqlx::Error> {
         let started = Instant::now();
         let (limit, floor) = (i64::from(self.batch_size), self.floor.get());
         let rows = match &self.order {

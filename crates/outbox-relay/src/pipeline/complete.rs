@@ -8,6 +8,10 @@
 //!
 //! The relay MUST NOT mark a row sent before the broker acknowledged it: only
 //! [`Outcome::Delivered`] and [`Outcome::Duplicate`] rows reach [`store::mark_sent`].
+//!
+//! Each row gets exactly one action, so the completion touches each row with one statement at
+//! most: the statements address the rows by `ctid` ([`crate::store::complete`]), and a row that
+//! one of them updated has another `ctid` for the next.
 
 use std::time::Duration;
 
@@ -16,7 +20,7 @@ use sqlx::{PgConnection, Postgres, Transaction};
 
 use super::outcome::RowOutcome;
 use crate::config::RelayConfig;
-use crate::message::OutboxRow;
+use crate::message::{Locked, OutboxRow};
 use crate::sinks::{ErrorKind, Outcome};
 use crate::store::{self, Retry};
 
@@ -84,27 +88,34 @@ impl Action {
 pub struct Completion {
     /// One per row, in the batch's order.
     pub actions: Vec<Action>,
-    pub delivered: Vec<i64>,
+    pub delivered: Vec<Locked>,
     pub retries: Vec<Retry>,
-    pub dead_ids: Vec<i64>,
+    /// The rows to dead-letter, each with its final error in `dead_errors`.
+    pub dead: Vec<Locked>,
     pub dead_errors: Vec<String>,
 }
 
 impl Completion {
-    /// Decides every row of the batch from its outcome.
-    pub fn new(rows: &[OutboxRow], outcomes: &[RowOutcome], policy: &RetryPolicy) -> Self {
+    /// Decides every row of the batch from its outcome; `locked[i]` addresses `rows[i]`.
+    pub fn new(
+        rows: &[OutboxRow],
+        locked: &[Locked],
+        outcomes: &[RowOutcome],
+        policy: &RetryPolicy,
+    ) -> Self {
+        debug_assert_eq!(rows.len(), locked.len());
         let mut c = Completion {
             actions: Vec::with_capacity(rows.len()),
             ..Completion::default()
         };
-        for (row, outcome) in rows.iter().zip(outcomes) {
+        for ((row, locked), outcome) in rows.iter().zip(locked).zip(outcomes) {
             let action = match outcome {
                 RowOutcome::Sink(Outcome::Delivered) => {
-                    c.delivered.push(row.id);
+                    c.delivered.push(locked.clone());
                     Action::Delivered
                 }
                 RowOutcome::Sink(Outcome::Duplicate) => {
-                    c.delivered.push(row.id);
+                    c.delivered.push(locked.clone());
                     Action::Duplicate
                 }
                 RowOutcome::HeldBack | RowOutcome::OutOfTime => Action::HeldBack,
@@ -114,14 +125,14 @@ impl Completion {
                         ErrorKind::Unavailable => Action::Released,
                         ErrorKind::Retriable if policy.retries(row.attempts) => {
                             c.retries.push(Retry {
-                                id: row.id,
+                                row: locked.clone(),
                                 delay: policy.delay(row.attempts),
                                 error: failure.message.into_owned(),
                             });
                             Action::Retry
                         }
                         ErrorKind::Retriable => {
-                            c.dead_ids.push(row.id);
+                            c.dead.push(locked.clone());
                             c.dead_errors.push(format!(
                                 "{} (gave up after {} attempts)",
                                 failure.message,
@@ -130,7 +141,7 @@ impl Completion {
                             Action::Dead
                         }
                         ErrorKind::Permanent => {
-                            c.dead_ids.push(row.id);
+                            c.dead.push(locked.clone());
                             c.dead_errors.push(failure.message.into_owned());
                             Action::Dead
                         }
@@ -162,9 +173,10 @@ impl Completion {
     ) -> Result<(), sqlx::Error> {
         store::mark_sent(conn, &self.delivered, retain).await?;
         store::schedule_retries(conn, &self.retries).await?;
-        store::dead_letter(conn, &self.dead_ids, &self.dead_errors).await?;
+        store::dead_letter(conn, &self.dead, &self.dead_errors).await?;
         if park {
-            let parked = store::park_dead(conn, &self.dead_ids).await?;
+            let dead_ids: Vec<i64> = self.dead.iter().map(|r| r.id).collect();
+            let parked = store::park_dead(conn, &dead_ids).await?;
             if parked > 0 {
                 tracing::warn!(
                     keys = parked,
@@ -219,16 +231,25 @@ mod tests {
             RowOutcome::CircuitOpen,
             RowOutcome::HeldBack,
         ];
-        let c = Completion::new(&rows, &outcomes, &policy);
+        let locked: Vec<Locked> = rows
+            .iter()
+            .map(|r| Locked {
+                id: r.id,
+                ctid: format!("(0,{})", r.id),
+            })
+            .collect();
+        let c = Completion::new(&rows, &locked, &outcomes, &policy);
+        let ids = |rows: &[Locked]| rows.iter().map(|r| r.id).collect::<Vec<_>>();
         use Action::*;
         assert_eq!(
             c.actions,
             [Delivered, Duplicate, Retry, Dead, Dead, Released, HeldBack]
         );
-        assert_eq!(c.delivered, [1, 2]);
+        assert_eq!(ids(&c.delivered), [1, 2]);
+        assert_eq!(c.delivered[1].ctid, "(0,2)");
         assert_eq!(c.retries.len(), 1);
-        assert_eq!(c.retries[0].id, 3);
-        assert_eq!(c.dead_ids, [4, 5]);
+        assert_eq!(c.retries[0].row, locked[2]);
+        assert_eq!(ids(&c.dead), [4, 5]);
         assert_eq!(c.dead_errors[0], "nacked (gave up after 3 attempts)");
         assert!(c.dead_errors[1].contains("no route matches topic \"t\""));
     }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use sqlx::PgPool;
 
 use crate::config::{Config, OnDead};
-use crate::message::OutboxRow;
+use crate::message::{Claimed, Locked, OutboxRow};
 use crate::metrics::Metrics;
 use crate::store;
 use crate::wakeup::Wakeup;
@@ -100,8 +100,10 @@ impl Pipeline {
     pub async fn run_batch(&self, worker: usize) -> Result<BatchReport, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let excluded = self.dispatcher.excluded_topics();
-        let (rows, took) = self.claimer.claim(&mut tx, worker, &excluded).await?;
-        self.tally.claimed(took, rows.len());
+        let (claimed, took) = self.claimer.claim(&mut tx, worker, &excluded).await?;
+        self.tally.claimed(took, claimed.len());
+        let (rows, locked): (Vec<OutboxRow>, Vec<Locked>) =
+            claimed.into_iter().map(Claimed::into_parts).unzip();
         if rows.is_empty() {
             tx.commit().await?;
             return Ok(BatchReport::default());
@@ -118,7 +120,7 @@ impl Pipeline {
             let all: Vec<&OutboxRow> = rows.iter().collect();
             self.dispatcher.publish(&all, &targets).await
         };
-        let completion = Completion::new(&rows, &outcomes, &self.policy);
+        let completion = Completion::new(&rows, &locked, &outcomes, &self.policy);
         let mark_started = Instant::now();
         if let Err(e) = completion.apply(tx, self.retain, self.park_dead).await {
             self.tally.unmarked(completion.delivered.len());

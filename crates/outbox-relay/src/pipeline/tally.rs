@@ -108,7 +108,7 @@ impl Tally {
             values.into_iter().for_each(|v| h.observe(v));
         }
         if let Some(first) = completion.dead_errors.first() {
-            tracing::warn!(count = completion.dead_ids.len(), first_error = %first, "messages dead-lettered");
+            tracing::warn!(count = completion.dead.len(), first_error = %first, "messages dead-lettered");
         }
     }
 }

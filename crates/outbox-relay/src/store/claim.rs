@@ -18,16 +18,20 @@ use std::collections::BTreeMap;
 
 use sqlx::{PgConnection, Row};
 
-use crate::message::OutboxRow;
+use crate::message::{Claimed, OutboxRow};
 
 /// The number of slots the key space is split into; fixed by migrations/0004_ordering.sql (the
 /// stored `slot` column of `outbox.messages`).
 pub const SLOTS: usize = 256;
 
-/// The columns every claim returns (of table `m`).
+/// The columns every claim returns (of table `m`), with the row's `ctid` as text (sqlx has no
+/// `tid` type): the completion statements address the claimed rows by it ([`super::complete`]).
+/// A `FOR UPDATE` lock taken on a row that a concurrent transaction has updated locks its newest
+/// version, and the row returned, `ctid` included, is that version.
 macro_rules! claim_columns {
     () => {
-        "m.id, m.message_id, m.topic, m.key, m.payload, m.headers, m.created_at, m.attempts"
+        "m.id, m.ctid::text AS ctid, m.message_id, m.topic, m.key, m.payload, m.headers, \
+         m.created_at, m.attempts"
     };
 }
 
@@ -164,7 +168,7 @@ pub async fn claim(
     limit: i64,
     excluded: &[String],
     floor: i64,
-) -> Result<Vec<OutboxRow>, sqlx::Error> {
+) -> Result<Vec<Claimed>, sqlx::Error> {
     let sql = if excluded.is_empty() {
         CLAIM_SQL
     } else {
@@ -176,13 +180,13 @@ pub async fn claim(
         .bind(floor)
         .fetch_all(&mut *conn)
         .await?;
-    rows.iter().map(outbox_row).collect()
+    rows.iter().map(claimed).collect()
 }
 
-/// Maps a claimed row (the columns of the claim statements) to an [`OutboxRow`].
-fn outbox_row(r: &sqlx::postgres::PgRow) -> Result<OutboxRow, sqlx::Error> {
+/// Maps a claimed row (the columns of the claim statements) to a [`Claimed`].
+fn claimed(r: &sqlx::postgres::PgRow) -> Result<Claimed, sqlx::Error> {
     let headers: sqlx::types::Json<BTreeMap<String, String>> = r.try_get("headers")?;
-    Ok(OutboxRow {
+    let row = OutboxRow {
         id: r.try_get("id")?,
         message_id: r.try_get("message_id")?,
         topic: r.try_get("topic")?,
@@ -191,6 +195,10 @@ fn outbox_row(r: &sqlx::postgres::PgRow) -> Result<OutboxRow, sqlx::Error> {
         headers: headers.0,
         created_at: r.try_get("created_at")?,
         attempts: r.try_get("attempts")?,
+    };
+    Ok(Claimed {
+        row,
+        ctid: r.try_get("ctid")?,
     })
 }
 
@@ -415,7 +423,7 @@ pub async fn claim_ordered(
     excluded: &[String],
     slots: &[i16],
     floor: i64,
-) -> Result<Vec<OutboxRow>, sqlx::Error> {
+) -> Result<Vec<Claimed>, sqlx::Error> {
     let sql = if excluded.is_empty() {
         ORDERED_CLAIM_SQL
     } else {
@@ -428,5 +436,5 @@ pub async fn claim_ordered(
         .bind(slots)
         .fetch_all(&mut *conn)
         .await?;
-    rows.iter().map(outbox_row).collect()
+    rows.iter().map(claimed).collect()
 }

@@ -5,6 +5,8 @@
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row};
 
+use crate::message::Locked;
+
 /// A key whose oldest waiting message failed and waits for its next attempt.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct HeldKey {
@@ -193,8 +195,10 @@ pub async fn skip(
     dry_run: bool,
 ) -> Result<Skipped, SkipError> {
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-    let head: Option<(i64, String, i32, String)> = sqlx::query_as(
-        "SELECT id, message_id, attempts, topic FROM outbox.messages WHERE key = $1 ORDER BY id LIMIT 1
+    // The head's ctid: dead_letter addresses it by that (the lock taken here keeps it put).
+    let head: Option<(i64, String, i32, String, String)> = sqlx::query_as(
+        "SELECT id, message_id, attempts, topic, ctid::text FROM outbox.messages WHERE key = $1
+          ORDER BY id LIMIT 1
             FOR UPDATE SKIP LOCKED",
     )
     .bind(key)
@@ -231,10 +235,10 @@ pub async fn skip(
         });
     }
     let mut dead_lettered = None;
-    if let Some((id, message_id, _, _)) = failing_head {
+    if let Some((id, message_id, _, _, ctid)) = failing_head {
         super::complete::dead_letter(
             &mut tx,
-            &[id],
+            &[Locked { id, ctid }],
             &[
                 "skipped by an operator (outbox-relay keys skip) while waiting for a retry"
                     .to_string(),
