@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use outbox_relay::sinks::amqp::{AmqpConfig, AmqpExchange, AmqpRoute, AmqpTls};
 use outbox_relay::sinks::BrokerConfig;
-use outbox_testkit::tls::{CertFiles, TestPki};
+use outbox_testkit::tls::{write_private, CertFiles, TestPki};
 use support::amqp::*;
 use support::*;
 
@@ -64,12 +64,6 @@ async fn fixture() -> Option<Fixture> {
         password_file,
         _dir: dir,
     })
-}
-
-fn write_private(path: &Path, contents: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, contents).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 /// `[sinks.rabbit.tls]` as TOML lines.
@@ -157,17 +151,9 @@ async fn stays_down(
     enqueue(&db, "sec.t", 10).await;
     let http = format!("127.0.0.1:{}", free_port());
     let relay = RelayProcess::start(&relay_config(&db, url, &exchange, &http, sink_extra, tls));
-    let last = std::sync::Mutex::new(String::new());
-    wait_until(Duration::from_secs(60), what, || async {
-        let got = http::get(&http, "/readyz").await;
-        if let Some((_, b)) = &got {
-            *last.lock().unwrap() = b.clone();
-        }
-        matches!(&got, Some((503, b)) if b.contains(r#""sink":"rabbit","up":false"#)
-            && expect.iter().all(|e| b.contains(e)))
-    })
-    .await;
-    let body = last.into_inner().unwrap();
+    let (_, body) = http::readyz_sink_down(&http, "rabbit", expect)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}\nrelay stderr:\n{}", relay.stderr()));
     // Let the workers try to publish for a while: each attempt must release the rows untouched.
     wait_until(
         Duration::from_secs(30),
@@ -177,20 +163,7 @@ async fn stays_down(
         },
     )
     .await;
-    let (waiting, attempts): (i64, Option<i32>) =
-        sqlx::query_as("SELECT count(*), max(attempts) FROM outbox.messages")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox.dead_letters")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    assert_eq!(
-        (waiting, attempts, dead),
-        (10, Some(0), 0),
-        "{what}: rows wait untouched"
-    );
+    db.assert_untouched(10, what).await;
     let stderr = relay.stderr();
     assert!(
         stderr
@@ -203,16 +176,16 @@ async fn stays_down(
         "{what}: the password leaked into the log"
     );
     assert!(
-        !body.contains(&f.password),
+        !body.to_string().contains(&f.password),
         "{what}: the password leaked into /readyz"
     );
 }
 
-/// The sink's configuration for the in-process cases.
-fn sink_config(url: String, password_file: Option<&Path>, tls: AmqpTls) -> AmqpConfig {
+/// The sink's configuration for the in-process cases, with the fixture's password file.
+fn sink_config(f: &Fixture, url: String, tls: AmqpTls) -> AmqpConfig {
     AmqpConfig {
         url,
-        password_file: password_file.map(Path::to_path_buf),
+        password_file: Some(f.password_file.clone()),
         tls,
         exchanges: vec![AmqpExchange {
             name: unique("ex"),
@@ -294,11 +267,7 @@ async fn amqps_delivers_with_ca_client_certificate_and_password_file_or_external
     .await;
 
     // Through the sink in this process.
-    let good = sink_config(
-        f.node.tls_url(),
-        Some(&f.password_file),
-        tls(&f.pki.ca_cert, Some(&f.client)),
-    );
+    let good = sink_config(&f, f.node.tls_url(), tls(&f.pki.ca_cert, Some(&f.client)));
     check(&good)
         .await
         .expect("the trusted configuration connects");
@@ -306,11 +275,7 @@ async fn amqps_delivers_with_ca_client_certificate_and_password_file_or_external
     let cases: Vec<(&str, AmqpConfig, &[&str])> = vec![
         (
             "no client certificate",
-            sink_config(
-                f.node.tls_url(),
-                Some(&f.password_file),
-                tls(&f.pki.ca_cert, None),
-            ),
+            sink_config(&f, f.node.tls_url(), tls(&f.pki.ca_cert, None)),
             &[
                 "requires a client certificate",
                 "set sinks.rabbit.tls.cert_file",
@@ -319,8 +284,8 @@ async fn amqps_delivers_with_ca_client_certificate_and_password_file_or_external
         (
             "a client certificate the broker does not trust",
             sink_config(
+                &f,
                 f.node.tls_url(),
-                Some(&f.password_file),
                 tls(&f.pki.ca_cert, Some(&f.other.client(USER))),
             ),
             &[
@@ -331,8 +296,8 @@ async fn amqps_delivers_with_ca_client_certificate_and_password_file_or_external
         (
             "a server name the certificate does not list",
             sink_config(
+                &f,
                 f.node.tls_url(),
-                Some(&f.password_file),
                 AmqpTls {
                     server_name: Some("rabbit.example.com".into()),
                     ..tls(&f.pki.ca_cert, Some(&f.client))
@@ -346,8 +311,8 @@ async fn amqps_delivers_with_ca_client_certificate_and_password_file_or_external
         (
             "amqps:// against the plaintext port",
             sink_config(
+                &f,
                 format!("amqps://{USER}@127.0.0.1:{}/%2f", f.node.port),
-                Some(&f.password_file),
                 tls(&f.pki.ca_cert, Some(&f.client)),
             ),
             &["did not answer in TLS", "amqp://"],
@@ -355,8 +320,8 @@ async fn amqps_delivers_with_ca_client_certificate_and_password_file_or_external
         (
             "amqp:// against the TLS port",
             sink_config(
+                &f,
                 format!("amqp://{USER}@127.0.0.1:{}/%2f", f.node.tls_port.unwrap()),
-                Some(&f.password_file),
                 AmqpTls::default(),
             ),
             &[
@@ -377,8 +342,8 @@ async fn amqps_delivers_with_ca_client_certificate_and_password_file_or_external
     // The certificate names 127.0.0.1 and localhost: tls.server_name picks the name to check
     // when the URL's host is another one.
     let renamed = sink_config(
+        &f,
         format!("amqps://{USER}@localhost:{}/%2f", f.node.tls_port.unwrap()),
-        Some(&f.password_file),
         AmqpTls {
             server_name: Some("127.0.0.1".into()),
             ..tls(&f.pki.ca_cert, Some(&f.client))

@@ -138,11 +138,7 @@ async fn permanent_failures_dead_letter_at_once_and_retriable_ones_back_off_then
                     .fetch_one(&db.pool)
                     .await
                     .unwrap();
-            let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox.dead_letters")
-                .fetch_one(&db.pool)
-                .await
-                .unwrap();
-            waiting == 0 && dead >= 3
+            waiting == 0 && db.dead_letters().await >= 3
         },
     )
     .await;

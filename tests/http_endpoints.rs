@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use outbox_client::{enqueue_many, Message};
+use outbox_testkit::relay::log_lines;
 use support::*;
 
 type Labels = Vec<(&'static str, &'static str)>;
@@ -248,28 +249,6 @@ async fn readiness_is_served_while_the_database_is_unreachable_at_start() {
     );
 }
 
-/// `/readyz` once it answers 503 with `want` in the NATS sink's error; the last body otherwise.
-async fn readyz_sink_error(addr: &str, want: &[&str]) -> serde_json::Value {
-    let last = std::sync::Mutex::new(None);
-    wait_until(
-        Duration::from_secs(60),
-        "/readyz reports the NATS sink down with its reason",
-        || async {
-            let Some((status, body)) = http::get(addr, "/readyz").await else {
-                return false;
-            };
-            let Ok(body) = serde_json::from_str::<serde_json::Value>(&body) else {
-                return false;
-            };
-            let error = body["sinks"][0]["error"].as_str().unwrap_or("").to_string();
-            *last.lock().unwrap() = Some(body);
-            status == 503 && want.iter().all(|w| error.contains(w))
-        },
-    )
-    .await;
-    last.into_inner().unwrap().unwrap()
-}
-
 /// `outbox-relay status --json` on the relay's config file.
 fn status_json(relay: &RelayProcess) -> serde_json::Value {
     let out = std::process::Command::new(relay_bin())
@@ -284,14 +263,6 @@ fn status_json(relay: &RelayProcess) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// Lines of the relay's log at `level` that contain every one of `parts`.
-fn log_lines(stderr: &str, level: &str, parts: &[&str]) -> usize {
-    stderr
-        .lines()
-        .filter(|l| l.contains(level) && parts.iter().all(|p| l.contains(p)))
-        .count()
 }
 
 /// docs/operations.md: a relay whose broker is unreachable at start is alive (`/healthz` 200,
@@ -315,7 +286,13 @@ async fn a_relay_whose_nats_is_unreachable_at_start_serves_health_readiness_and_
     );
 
     http::wait_healthy(&addr, Duration::from_secs(30)).await;
-    let ready = readyz_sink_error(&addr, &[&format!("not connected to NATS at {nats}")]).await;
+    let (_, ready) = http::readyz_sink_down(
+        &addr,
+        "nats",
+        &[&format!("not connected to NATS at {nats}")],
+    )
+    .await
+    .unwrap();
     assert_eq!(ready["ready"], false, "{ready}");
     assert_eq!(ready["database"], true, "{ready}");
     assert_eq!(ready["sinks"][0]["sink"], "nats", "{ready}");
@@ -410,8 +387,10 @@ async fn a_wrong_nats_password_is_named_on_readiness_status_and_in_the_log() {
     let relay = RelayProcess::start(&config);
     let redacted = format!("nats://relay:***@127.0.0.1:{}", nats.port);
 
-    let ready = readyz_sink_error(&addr, &["authorization violation", &redacted]).await;
-    let error = ready["sinks"][0]["error"].as_str().unwrap();
+    let (error, ready) =
+        http::readyz_sink_down(&addr, "nats", &["authorization violation", &redacted])
+            .await
+            .unwrap();
     assert!(error.contains("check the user and password"), "{error}");
     assert!(!ready.to_string().contains(&wrong), "{ready}");
 

@@ -6,6 +6,7 @@
 
 mod support;
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -19,6 +20,14 @@ fn start_relay(db: &TestDb, port: u16, env: &[(&str, &str)]) -> RelayProcess {
         port,
     );
     RelayProcess::start_with_env(&config, env)
+}
+
+/// Waits until `/healthz` on `port` answers over HTTPS to a client that trusts only `ca`.
+async fn wait_https(port: u16, ca: &Path, what: &str) {
+    wait_until(Duration::from_secs(30), what, || async {
+        http::get_tls(port, "/healthz", &[], ca).await.is_ok()
+    })
+    .await;
 }
 
 const TOKEN: &str = "s3cret-token-0123456789abcdef";
@@ -118,16 +127,7 @@ async fn https_serves_the_configured_certificate_and_picks_up_a_renewed_one() {
             ("OUTBOX_HTTP__TLS__KEY_FILE", key.to_str().unwrap()),
         ],
     );
-    wait_until(
-        Duration::from_secs(30),
-        "HTTPS /healthz answers",
-        || async {
-            http::get_tls(port, "/healthz", &[], &pki.ca_cert)
-                .await
-                .is_ok()
-        },
-    )
-    .await;
+    wait_https(port, &pki.ca_cert, "HTTPS /healthz answers").await;
     assert_eq!(
         http::get_tls(port, "/healthz", &[], &pki.ca_cert).await,
         Ok((200, "ok\n".to_string()))
@@ -164,16 +164,7 @@ async fn https_serves_the_configured_certificate_and_picks_up_a_renewed_one() {
     let renewed = other.server("relay-http");
     std::fs::copy(&renewed.key, &key).unwrap();
     std::fs::copy(&renewed.cert, &cert).unwrap();
-    wait_until(
-        Duration::from_secs(30),
-        "the renewed certificate is served",
-        || async {
-            http::get_tls(port, "/healthz", &[], &other.ca_cert)
-                .await
-                .is_ok()
-        },
-    )
-    .await;
+    wait_https(port, &other.ca_cert, "the renewed certificate is served").await;
     assert!(http::get_tls(port, "/healthz", &[], &pki.ca_cert)
         .await
         .is_err());
@@ -216,7 +207,7 @@ async fn bad_http_settings_are_refused_with_what_to_fix() {
     std::fs::write(&not_pem, "just text\n").unwrap();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
-    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let path = |p: &Path| p.to_str().unwrap().to_string();
     let cases: Vec<(Vec<(&str, String)>, &str)> = vec![
         (
             vec![("OUTBOX_HTTP__TOKEN", "short-tok".into())],

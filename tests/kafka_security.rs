@@ -15,15 +15,9 @@ use std::time::Duration;
 use outbox_relay::sinks::kafka::{KafkaConfig, KafkaRoute};
 use outbox_relay::sinks::BrokerConfig;
 use outbox_testkit::kafka::{KafkaReader, ScramLogin, Storage, TansuBroker};
-use outbox_testkit::tls::TestPki;
+use outbox_testkit::tls::{write_private, TestPki};
 use support::kafka::kafka_config;
 use support::*;
-
-fn write_private(path: &Path, contents: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, contents).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
-}
 
 async fn enqueue(db: &TestDb, topic: &str, n: i32) {
     sqlx::query(
@@ -120,40 +114,16 @@ async fn kafka_scram_login_from_a_password_file_delivers_and_a_wrong_password_ke
     let expect = [
         "refused the SASL login",
         "sinks.kafka.sasl_password_file",
-        "sinks.kafka.librdkafka.\\\"sasl.username\\\"",
+        r#"sinks.kafka.librdkafka."sasl.username""#,
     ];
-    let last = std::sync::Mutex::new(String::new());
-    wait_until(
-        Duration::from_secs(60),
-        "/readyz reports the Kafka sink down with the refused login",
-        || async {
-            let got = http::get(&http, "/readyz").await;
-            if let Some((_, b)) = &got {
-                *last.lock().unwrap() = b.clone();
-            }
-            matches!(&got, Some((503, b)) if b.contains(r#""sink":"kafka","up":false"#)
-                && expect.iter().all(|e| b.contains(e)))
-        },
-    )
-    .await;
+    let (_, body) = http::readyz_sink_down(&http, "kafka", &expect)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nrelay stderr:\n{}", relay.stderr()));
     wait_until(Duration::from_secs(60), "the circuit opened", || async {
         http::scrape_metric(&http, "outbox_sink_up", &[("sink", "kafka")]).await == 0.0
     })
     .await;
-    let (waiting, attempts): (i64, Option<i32>) =
-        sqlx::query_as("SELECT count(*), max(attempts) FROM outbox.messages")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox.dead_letters")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    assert_eq!(
-        (waiting, attempts, dead),
-        (5, Some(0), 0),
-        "rows wait untouched"
-    );
+    db.assert_untouched(5, "a wrong password").await;
     let stderr = relay.stderr();
     assert!(
         stderr
@@ -161,8 +131,7 @@ async fn kafka_scram_login_from_a_password_file_delivers_and_a_wrong_password_ke
             .any(|l| l.contains("WARN") && l.contains("refused the SASL login")),
         "the relay's log names the refusal:\n{stderr}"
     );
-    let body = last.into_inner().unwrap();
-    assert!(!stderr.contains(&login.password) && !body.contains(&login.password));
+    assert!(!stderr.contains(&login.password) && !body.to_string().contains(&login.password));
 }
 
 /// `openssl s_server` on a free port: a real TLS listener (it speaks no Kafka), killed on drop.

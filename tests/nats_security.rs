@@ -12,7 +12,8 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use outbox_testkit::tls::TestPki;
+use outbox_testkit::relay::log_lines;
+use outbox_testkit::tls::{write_private, TestPki};
 use support::*;
 
 /// A relay config whose NATS sink has `sink_keys` (TOML lines in `[sinks.nats]`) and whose
@@ -60,10 +61,8 @@ fn p(path: &Path) -> String {
 
 /// Writes `contents` to `name` in `dir`, readable by its owner only; returns the path.
 fn secret_file(dir: &Path, name: &str, contents: &str) -> std::path::PathBuf {
-    use std::os::unix::fs::PermissionsExt;
     let path = dir.join(name);
-    std::fs::write(&path, contents).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    write_private(&path, contents);
     path
 }
 
@@ -87,45 +86,38 @@ async fn wait_delivered(db: &TestDb, relay: &RelayProcess) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
-        dead_letters(db).await,
+        db.dead_letters().await,
         0,
         "relay stderr:\n{}",
         relay.stderr()
     );
 }
 
-async fn dead_letters(db: &TestDb) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM outbox.dead_letters")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
+/// Starts a relay on `db` whose sink has `sink_keys` against `url`, its HTTP server on `port`.
+fn start_relay(
+    db: &TestDb,
+    url: &str,
+    stream: &str,
+    prefix: &str,
+    sink_keys: &str,
+    port: u16,
+) -> RelayProcess {
+    RelayProcess::start(&config(&db.url, url, stream, prefix, sink_keys, port))
+}
+
+/// Starts a relay with `sink_keys` against `url` and waits until it delivered every row.
+async fn deliver_all(db: &TestDb, url: &str, stream: &str, prefix: &str, sink_keys: &str) {
+    let relay = start_relay(db, url, stream, prefix, sink_keys, free_port());
+    wait_delivered(db, &relay).await;
 }
 
 /// Waits until `/readyz` reports the NATS sink down with an error containing every one of
 /// `want`; returns that error.
 async fn readyz_error(addr: &str, relay: &RelayProcess, want: &[&str]) -> String {
-    let last = std::sync::Mutex::new(String::new());
-    let found = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            if let Some((503, body)) = http::get(addr, "/readyz").await {
-                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-                let error = v["sinks"][0]["error"].as_str().unwrap_or("").to_string();
-                *last.lock().unwrap() = error.clone();
-                if want.iter().all(|w| error.contains(w)) {
-                    return error;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
-    found.unwrap_or_else(|_| {
-        panic!(
-            "/readyz never named {want:?}; last sink error: {:?}\nrelay stderr:\n{}",
-            last.lock().unwrap(),
-            relay.stderr()
-        )
-    })
+    match http::readyz_sink_down(addr, "nats", want).await {
+        Ok((error, _)) => error,
+        Err(e) => panic!("{e}\nrelay stderr:\n{}", relay.stderr()),
+    }
 }
 
 /// Waits until `outbox_sink_up` is 0 and a batch met the down sink: its rows were claimed and
@@ -157,14 +149,6 @@ async fn sink_down_after_a_batch(port: u16, relay: &RelayProcess) {
     }
 }
 
-/// Lines of the relay's log at `level` that contain every one of `parts`.
-fn log_lines(stderr: &str, level: &str, parts: &[&str]) -> usize {
-    stderr
-        .lines()
-        .filter(|l| l.contains(level) && parts.iter().all(|p| l.contains(p)))
-        .count()
-}
-
 /// docs/sinks/nats.md: over TLS verified against the test's CA (a `tls://` URL and
 /// `tls.ca_file`), the relay publishes, and JetStream's de-duplication works as in plain text:
 /// the same message id enqueued again after delivery is stored once.
@@ -175,14 +159,7 @@ async fn over_tls_with_the_ca_the_relay_publishes_and_a_republished_id_is_stored
     let db = TestDb::new().await;
     let (stream, prefix, port) = (unique("S"), unique("t"), free_port());
     let keys = format!("tls = {{ ca_file = {} }}", p(&pki.ca_cert));
-    let relay = RelayProcess::start(&config(
-        &db.url,
-        &nats.tls_url(),
-        &stream,
-        &prefix,
-        &keys,
-        port,
-    ));
+    let relay = start_relay(&db, &nats.tls_url(), &stream, &prefix, &keys, port);
     enqueue(&db, "tls.a", "tls-1").await;
     enqueue(&db, "tls.b", "tls-2").await;
     wait_delivered(&db, &relay).await;
@@ -239,7 +216,7 @@ async fn mutual_tls_needs_a_client_certificate_the_server_trusts() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let keys = format!("tls = {{ ca_file = {ca} }}");
-    let relay = RelayProcess::start(&config(&db.url, &nats.url(), &stream, &prefix, &keys, port));
+    let relay = start_relay(&db, &nats.url(), &stream, &prefix, &keys, port);
     let error = readyz_error(
         &addr,
         &relay,
@@ -262,7 +239,7 @@ async fn mutual_tls_needs_a_client_certificate_the_server_trusts() {
         p(&stranger.cert),
         p(&stranger.key)
     );
-    let relay = RelayProcess::start(&config(&db.url, &nats.url(), &stream, &prefix, &keys, port));
+    let relay = start_relay(&db, &nats.url(), &stream, &prefix, &keys, port);
     readyz_error(
         &addr,
         &relay,
@@ -271,7 +248,7 @@ async fn mutual_tls_needs_a_client_certificate_the_server_trusts() {
     .await;
     drop(relay);
     assert_eq!(db.waiting().await, 1);
-    assert_eq!(dead_letters(&db).await, 0);
+    assert_eq!(db.dead_letters().await, 0);
 
     let client = pki.client("relay");
     let keys = format!(
@@ -279,15 +256,7 @@ async fn mutual_tls_needs_a_client_certificate_the_server_trusts() {
         p(&client.cert),
         p(&client.key)
     );
-    let relay = RelayProcess::start(&config(
-        &db.url,
-        &nats.url(),
-        &stream,
-        &prefix,
-        &keys,
-        free_port(),
-    ));
-    wait_delivered(&db, &relay).await;
+    deliver_all(&db, &nats.url(), &stream, &prefix, &keys).await;
     let stored = read_stream(&nats.jetstream().await, &stream).await;
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].0, "mtls-1");
@@ -411,21 +380,11 @@ async fn a_creds_file_authenticates_against_an_operator_mode_server() {
     let keys = format!("credentials_file = {}", p(&file));
     delivers_with(&nats, &keys, &[], &seed).await;
 
-    let db = TestDb::new().await;
     let foreign = secret_file(dir.path(), "foreign.creds", &operator.foreign_creds());
-    let port = free_port();
     let keys = format!("credentials_file = {}", p(&foreign));
-    let relay = RelayProcess::start(&config(
-        &db.url,
+    refused(
         &nats.url(),
-        &unique("S"),
-        &unique("t"),
         &keys,
-        port,
-    ));
-    readyz_error(
-        &format!("127.0.0.1:{port}"),
-        &relay,
         &["authorization violation", "sinks.nats.credentials_file"],
     )
     .await;
@@ -448,14 +407,7 @@ async fn a_wrong_ca_keeps_the_sink_down_and_loses_nothing_until_the_ca_is_fixed(
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let keys = format!("tls = {{ ca_file = {} }}", p(&wrong.ca_cert));
-    let relay = RelayProcess::start(&config(
-        &db.url,
-        &nats.tls_url(),
-        &stream,
-        &prefix,
-        &keys,
-        port,
-    ));
+    let relay = start_relay(&db, &nats.tls_url(), &stream, &prefix, &keys, port);
     let error = readyz_error(
         &addr,
         &relay,
@@ -472,13 +424,7 @@ async fn a_wrong_ca_keeps_the_sink_down_and_loses_nothing_until_the_ca_is_fixed(
     );
     // A batch met the down sink, and its rows are untouched.
     sink_down_after_a_batch(port, &relay).await;
-    let attempts: i32 =
-        sqlx::query_scalar("SELECT COALESCE(max(attempts), 0) FROM outbox.messages")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-    assert_eq!((db.waiting().await, attempts), (5, 0));
-    assert_eq!(dead_letters(&db).await, 0);
+    db.assert_untouched(5, "a wrong CA").await;
     let stderr = relay.stderr();
     assert_eq!(
         log_lines(
@@ -492,15 +438,7 @@ async fn a_wrong_ca_keeps_the_sink_down_and_loses_nothing_until_the_ca_is_fixed(
     drop(relay);
 
     let keys = format!("tls = {{ ca_file = {} }}", p(&pki.ca_cert));
-    let relay = RelayProcess::start(&config(
-        &db.url,
-        &nats.tls_url(),
-        &stream,
-        &prefix,
-        &keys,
-        free_port(),
-    ));
-    wait_delivered(&db, &relay).await;
+    deliver_all(&db, &nats.tls_url(), &stream, &prefix, &keys).await;
     assert_eq!(read_stream(&nats.jetstream().await, &stream).await.len(), 5);
 }
 
@@ -538,22 +476,13 @@ async fn a_wrong_password_keeps_the_sink_down_and_loses_nothing_until_it_is_fixe
     .await;
     assert!(!error.contains(&wrong), "{error}");
     sink_down_after_a_batch(port, &relay).await;
-    assert_eq!(db.waiting().await, 3);
-    assert_eq!(dead_letters(&db).await, 0);
+    db.assert_untouched(3, "a wrong password").await;
     let stderr = relay.stderr();
     assert!(!stderr.contains(&wrong), "the password leaked:\n{stderr}");
     drop(relay);
 
     secret_file(dir.path(), "password", &password);
-    let relay = RelayProcess::start(&config(
-        &db.url,
-        &nats.url(),
-        &stream,
-        &prefix,
-        &keys,
-        free_port(),
-    ));
-    wait_delivered(&db, &relay).await;
+    deliver_all(&db, &nats.url(), &stream, &prefix, &keys).await;
     assert_eq!(read_stream(&nats.jetstream().await, &stream).await.len(), 3);
 }
 
@@ -562,14 +491,7 @@ async fn a_wrong_password_keeps_the_sink_down_and_loses_nothing_until_it_is_fixe
 async fn refused(url: &str, sink_keys: &str, want: &[&str]) -> String {
     let db = TestDb::new().await;
     let port = free_port();
-    let relay = RelayProcess::start(&config(
-        &db.url,
-        url,
-        &unique("S"),
-        &unique("t"),
-        sink_keys,
-        port,
-    ));
+    let relay = start_relay(&db, url, &unique("S"), &unique("t"), sink_keys, port);
     readyz_error(&format!("127.0.0.1:{port}"), &relay, want).await
 }
 

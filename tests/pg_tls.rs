@@ -11,16 +11,12 @@ use std::time::Duration;
 
 use outbox_relay::config::{DatabaseConfig, SslMode};
 use outbox_testkit::pg::{ServerSetup, ServerTls};
-use outbox_testkit::tls::TestPki;
+use outbox_testkit::tls::{CertFiles, TestPki};
 use support::*;
 
 /// A server with TLS from `pki` (`server` is its certificate) that takes TCP connections as
 /// `hba` says.
-async fn tls_server(
-    pki: &TestPki,
-    server: outbox_testkit::tls::CertFiles,
-    hba: &[&str],
-) -> OwnedPostgres {
+async fn tls_server(pki: &TestPki, server: CertFiles, hba: &[&str]) -> OwnedPostgres {
     OwnedPostgres::start_with(ServerSetup {
         tls: Some(ServerTls {
             cert: server.cert,
@@ -91,8 +87,12 @@ fn assert_mentions(message: &str, needles: &[&str]) {
     }
 }
 
-fn path(p: &Path) -> std::path::PathBuf {
-    p.to_path_buf()
+/// `[database]` for `url` with `tls.mode` and `tls.ca_file` set.
+fn verifying(url: &str, mode: SslMode, ca: &Path) -> DatabaseConfig {
+    database(url, |d| {
+        d.tls.mode = Some(mode);
+        d.tls.ca_file = Some(ca.to_path_buf());
+    })
 }
 
 #[tokio::test]
@@ -102,11 +102,7 @@ async fn verify_full_and_every_weaker_mode_against_a_hostssl_only_server() {
     let url = pg.url();
 
     // verify-full through the keys beside the URL.
-    assert_tls_session(&database(&url, |d| {
-        d.tls.mode = Some(SslMode::VerifyFull);
-        d.tls.ca_file = Some(path(&pki.ca_cert));
-    }))
-    .await;
+    assert_tls_session(&verifying(&url, SslMode::VerifyFull, &pki.ca_cert)).await;
     // The same through the URL's own parameters.
     let in_url = format!(
         "{url}?sslmode=verify-full&sslrootcert={}",
@@ -117,11 +113,7 @@ async fn verify_full_and_every_weaker_mode_against_a_hostssl_only_server() {
     // server refuses plaintext.
     assert_tls_session(&database(&url, |_| {})).await;
     assert_tls_session(&database(&url, |d| d.tls.mode = Some(SslMode::Require))).await;
-    assert_tls_session(&database(&url, |d| {
-        d.tls.mode = Some(SslMode::VerifyCa);
-        d.tls.ca_file = Some(path(&pki.ca_cert));
-    }))
-    .await;
+    assert_tls_session(&verifying(&url, SslMode::VerifyCa, &pki.ca_cert)).await;
     assert_tls_session(&database(&url, |d| d.tls.mode = Some(SslMode::Allow))).await;
 
     // `disable` against hostssl-only: refused, and the error says which key to change.
@@ -138,11 +130,7 @@ async fn verify_full_and_every_weaker_mode_against_a_hostssl_only_server() {
     );
     // The key wins over the URL: sslmode=disable in the URL, verify-full in the key.
     let disabled_url = format!("{url}?sslmode=disable");
-    assert_tls_session(&database(&disabled_url, |d| {
-        d.tls.mode = Some(SslMode::VerifyFull);
-        d.tls.ca_file = Some(path(&pki.ca_cert));
-    }))
-    .await;
+    assert_tls_session(&verifying(&disabled_url, SslMode::VerifyFull, &pki.ca_cert)).await;
 }
 
 #[tokio::test]
@@ -158,11 +146,7 @@ async fn a_wrong_ca_and_a_wrong_host_name_fail_naming_the_key_to_fix() {
     .await;
     let url = pg.url();
 
-    let e = connect_error(&database(&url, |d| {
-        d.tls.mode = Some(SslMode::VerifyFull);
-        d.tls.ca_file = Some(path(&other.ca_cert));
-    }))
-    .await;
+    let e = connect_error(&verifying(&url, SslMode::VerifyFull, &other.ca_cert)).await;
     assert_mentions(
         &e,
         &[
@@ -173,18 +157,10 @@ async fn a_wrong_ca_and_a_wrong_host_name_fail_naming_the_key_to_fix() {
         ],
     );
     // `require` with a CA file verifies the chain, as in libpq: the wrong CA fails there too.
-    let e = connect_error(&database(&url, |d| {
-        d.tls.mode = Some(SslMode::Require);
-        d.tls.ca_file = Some(path(&other.ca_cert));
-    }))
-    .await;
+    let e = connect_error(&verifying(&url, SslMode::Require, &other.ca_cert)).await;
     assert_mentions(&e, &["not signed by a CA the relay trusts"]);
 
-    let e = connect_error(&database(&url, |d| {
-        d.tls.mode = Some(SslMode::VerifyFull);
-        d.tls.ca_file = Some(path(&pki.ca_cert));
-    }))
-    .await;
+    let e = connect_error(&verifying(&url, SslMode::VerifyFull, &pki.ca_cert)).await;
     assert_mentions(
         &e,
         &[
@@ -196,11 +172,7 @@ async fn a_wrong_ca_and_a_wrong_host_name_fail_naming_the_key_to_fix() {
     // verify-ca checks the host name too with sqlx 0.8 (its verify-ca check does not recognise
     // rustls' current name-mismatch error), so it is as strict as verify-full; the relay warns
     // of it at start. When this starts to connect, the docs' note on verify-ca goes.
-    let e = connect_error(&database(&url, |d| {
-        d.tls.mode = Some(SslMode::VerifyCa);
-        d.tls.ca_file = Some(path(&pki.ca_cert));
-    }))
-    .await;
+    let e = connect_error(&verifying(&url, SslMode::VerifyCa, &pki.ca_cert)).await;
     assert_mentions(&e, &["does not name the host in database.url"]);
 }
 
@@ -208,11 +180,7 @@ async fn a_wrong_ca_and_a_wrong_host_name_fail_naming_the_key_to_fix() {
 async fn an_expired_server_certificate_fails_clearly() {
     let pki = TestPki::new("pg");
     let pg = tls_server(&pki, pki.expired_server("pg-server"), HOSTSSL_TRUST).await;
-    let e = connect_error(&database(&pg.url(), |d| {
-        d.tls.mode = Some(SslMode::VerifyFull);
-        d.tls.ca_file = Some(path(&pki.ca_cert));
-    }))
-    .await;
+    let e = connect_error(&verifying(&pg.url(), SslMode::VerifyFull, &pki.ca_cert)).await;
     assert_mentions(&e, &[&pg.url(), "expired or is not valid yet"]);
 }
 
@@ -228,14 +196,14 @@ async fn client_certificate_authentication() {
     pg.execute("CREATE ROLE app LOGIN").await;
     let url = pg.url_for("postgres").replace("postgres@", "app@");
     let client = pki.client("app");
+    let with_client = |client: &CertFiles| {
+        let mut db = verifying(&url, SslMode::VerifyFull, &pki.ca_cert);
+        db.tls.cert_file = Some(client.cert.clone());
+        db.tls.key_file = Some(client.key.clone());
+        db
+    };
 
-    let with_cert = database(&url, |d| {
-        d.tls.mode = Some(SslMode::VerifyFull);
-        d.tls.ca_file = Some(path(&pki.ca_cert));
-        d.tls.cert_file = Some(client.cert.clone());
-        d.tls.key_file = Some(client.key.clone());
-    });
-    let pool = connect(&with_cert).await.unwrap();
+    let pool = connect(&with_client(&client)).await.unwrap();
     let user: String = sqlx::query_scalar("SELECT current_user::text")
         .fetch_one(&pool)
         .await
@@ -258,11 +226,7 @@ async fn client_certificate_authentication() {
         .await;
 
     // Without a client certificate.
-    let e = connect_error(&database(&url, |d| {
-        d.tls.mode = Some(SslMode::VerifyFull);
-        d.tls.ca_file = Some(path(&pki.ca_cert));
-    }))
-    .await;
+    let e = connect_error(&verifying(&url, SslMode::VerifyFull, &pki.ca_cert)).await;
     assert_mentions(
         &e,
         &[
@@ -275,13 +239,7 @@ async fn client_certificate_authentication() {
 
     // A certificate for another user.
     let stranger = pki.client("stranger");
-    let e = connect_error(&database(&url, |d| {
-        d.tls.mode = Some(SslMode::VerifyFull);
-        d.tls.ca_file = Some(path(&pki.ca_cert));
-        d.tls.cert_file = Some(stranger.cert.clone());
-        d.tls.key_file = Some(stranger.key.clone());
-    }))
-    .await;
+    let e = connect_error(&with_client(&stranger)).await;
     assert_mentions(
         &e,
         &[
@@ -303,16 +261,12 @@ async fn a_wrong_password_fails_clearly_and_the_password_key_wins_over_the_url()
     pg.execute("CREATE ROLE app LOGIN PASSWORD 'right-pw-1'")
         .await;
     let url = pg.url_for("postgres").replace("postgres@", "app@");
-    let tls = |d: &mut DatabaseConfig| {
-        d.tls.mode = Some(SslMode::VerifyFull);
-        d.tls.ca_file = Some(path(&pki.ca_cert));
+    let with_password = |url: &str, password: &str| DatabaseConfig {
+        password: password.into(),
+        ..verifying(url, SslMode::VerifyFull, &pki.ca_cert)
     };
 
-    let e = connect_error(&database(&url, |d| {
-        tls(d);
-        d.password = "wrong-pw-1".into();
-    }))
-    .await;
+    let e = connect_error(&with_password(&url, "wrong-pw-1")).await;
     assert_mentions(
         &e,
         &[
@@ -324,12 +278,9 @@ async fn a_wrong_password_fails_clearly_and_the_password_key_wins_over_the_url()
     assert!(!e.contains("wrong-pw-1"), "{e}");
 
     let url_with_wrong = url.replace("app@", "app:wrong-pw-1@");
-    let pool = connect(&database(&url_with_wrong, |d| {
-        tls(d);
-        d.password = "right-pw-1".into();
-    }))
-    .await
-    .unwrap();
+    let pool = connect(&with_password(&url_with_wrong, "right-pw-1"))
+        .await
+        .unwrap();
     assert!(session_uses_tls(&pool).await);
     pool.close().await;
 }

@@ -86,6 +86,17 @@ fn text(out: &Output) -> String {
     )
 }
 
+/// `outbox-relay <args>` against the database at `url` (no config file), logging warnings only.
+fn relay_cli(url: &str, args: &[&str]) -> Output {
+    Command::new(relay_bin())
+        .args(args)
+        .env("OUTBOX_DATABASE__URL", url)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run outbox-relay")
+}
+
 /// `url` with its user replaced.
 fn url_as(url: &str, user: &str) -> String {
     let mut u = url::Url::parse(url).expect("database URL");
@@ -387,15 +398,7 @@ async fn the_relay_role_relays_end_to_end_and_may_not_change_the_schema() {
     );
 
     // The operator's commands, as the relay role.
-    let cli = |args: &[&str]| {
-        Command::new(relay_bin())
-            .args(args)
-            .env("OUTBOX_DATABASE__URL", &relay_url)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run outbox-relay")
-    };
+    let cli = |args: &[&str]| relay_cli(&relay_url, args);
     let status = cli(&["status"]);
     assert!(status.status.success(), "status:\n{}", text(&status));
     assert!(
@@ -459,13 +462,11 @@ async fn a_missing_privilege_is_named_at_start() {
     let Some(roles) = Roles::install(&db).await else {
         return;
     };
-    sqlx::raw_sql(&format!(
+    db.execute(&format!(
         "REVOKE UPDATE ON outbox.claim_floor FROM {}; REVOKE SELECT ON SEQUENCE outbox.messages_id_seq FROM {0}",
         roles.relay
     ))
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    .await;
     let mut relay = RelayProcess::start(&nats_config(
         &roles.relay_url(),
         &nats_url(),
@@ -487,20 +488,12 @@ async fn a_missing_privilege_is_named_at_start() {
         "{said}"
     );
 
-    sqlx::query(&format!(
+    db.execute(&format!(
         "REVOKE SELECT ON outbox.dead_letters FROM {}",
         roles.relay
     ))
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    let out = Command::new(relay_bin())
-        .args(["dead", "list"])
-        .env("OUTBOX_DATABASE__URL", roles.relay_url())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    .await;
+    let out = relay_cli(&roles.relay_url(), &["dead", "list"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out).contains("permission denied for table dead_letters")
@@ -519,13 +512,11 @@ async fn the_roles_script_grants_what_the_relay_checks_and_nothing_more() {
         return;
     };
     // Something granted by hand since: the next run of the script takes it back.
-    sqlx::query(&format!(
+    db.execute(&format!(
         "GRANT SELECT ON outbox.dead_letters TO {}",
         roles.enqueue
     ))
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    .await;
     let again = run_roles_script(&db.url, &roles.enqueue, &roles.relay).unwrap();
     assert!(again.status.success(), "{}", text(&again));
 
@@ -598,10 +589,8 @@ async fn a_relay_that_may_not_vacuum_says_so_once() {
     assert_eq!(denied, outbox_relay::store::vacuum::TABLES);
     relay_pool.close().await;
 
-    sqlx::query("ALTER TABLE outbox.messages SET (autovacuum_enabled = false)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    db.execute("ALTER TABLE outbox.messages SET (autovacuum_enabled = false)")
+        .await;
     let relay = RelayProcess::start(&nats_config(
         &roles.relay_url(),
         &nats_url(),
@@ -617,10 +606,8 @@ async fn a_relay_that_may_not_vacuum_says_so_once() {
     .await;
     // Two more rounds of the maintenance tasks (each folds the count deltas written here).
     for round in 0..2 {
-        sqlx::query("INSERT INTO outbox.topic_counts VALUES ('v', 1), ('v', -1)")
-            .execute(&db.pool)
-            .await
-            .unwrap();
+        db.execute("INSERT INTO outbox.topic_counts VALUES ('v', 1), ('v', -1)")
+            .await;
         wait_until(
             Duration::from_secs(30),
             &format!("compaction round {round}"),
@@ -654,23 +641,13 @@ async fn a_plain_owner_role_migrates_and_runs_the_script() {
         url: db.url.clone(),
         names: vec![owner.clone(), enqueue.clone(), relay.clone()],
     };
-    sqlx::raw_sql(&format!(
+    db.execute(&format!(
         "CREATE ROLE {owner} LOGIN; GRANT CREATE ON DATABASE {} TO {owner}",
         db.name
     ))
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    .await;
     let owner_url = url_as(&db.url, &owner);
-    let migrate = || {
-        Command::new(relay_bin())
-            .arg("migrate")
-            .env("OUTBOX_DATABASE__URL", &owner_url)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run outbox-relay migrate")
-    };
+    let migrate = || relay_cli(&owner_url, &["migrate"]);
     let first = migrate();
     assert!(first.status.success(), "{}", text(&first));
     assert!(text(&first).contains("applied"), "{}", text(&first));
@@ -681,13 +658,11 @@ async fn a_plain_owner_role_migrates_and_runs_the_script() {
     .await
     .unwrap();
     assert_eq!(tables_owner, owner);
-    sqlx::query(&format!(
+    db.execute(&format!(
         "REVOKE CREATE ON DATABASE {} FROM {owner}",
         db.name
     ))
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    .await;
     let again = migrate();
     assert!(again.status.success(), "{}", text(&again));
     assert!(text(&again).contains("is up to date"), "{}", text(&again));
@@ -706,12 +681,10 @@ async fn a_plain_owner_role_migrates_and_runs_the_script() {
         "{}",
         text(&out)
     );
-    sqlx::raw_sql(&format!(
+    db.execute(&format!(
         "CREATE ROLE {enqueue} NOLOGIN; CREATE ROLE {relay} NOLOGIN"
     ))
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    .await;
     let out = run_roles_script(&owner_url, &enqueue, &relay).unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let may_insert: bool = sqlx::query_scalar(

@@ -22,7 +22,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
-use crate::redact::Secret;
+use crate::redact::{key_mode_too_open, world_readable_mode, Secret, SecretFileError};
 use crate::sinks::SinkConfig;
 
 /// Every default of the relay itself lives here, with the reason for its value; each sink's
@@ -395,18 +395,7 @@ impl HttpConfig {
 
     /// Reads `token_file` into `token`; returns a warning about the file, if any.
     fn resolve_token_file(&mut self) -> Result<Option<String>, Error> {
-        let Some(path) = &self.token_file else {
-            return Ok(None);
-        };
-        if !self.token.is_empty() {
-            return Err(Error::Config(
-                "invalid configuration: http.token and http.token_file are both set: keep one (OUTBOX_HTTP__TOKEN, OUTBOX_HTTP__TOKEN_FILE)".into(),
-            ));
-        }
-        let (value, warning) = read_secret_file("http.token_file (OUTBOX_HTTP__TOKEN_FILE)", path)
-            .map_err(|e| Error::Config(format!("invalid configuration: {e}")))?;
-        self.token = Secret::new(value);
-        Ok(warning)
+        resolve_secret_file("http.token", &mut self.token, self.token_file.as_deref())
     }
 
     /// What is wrong with the token and TLS settings (the files are parsed when the listener is
@@ -885,35 +874,48 @@ fn unknown_key(e: &figment::Error) -> Option<String> {
 /// Reads a secret from the file `path` named by `source` (a key or a variable): the contents
 /// without one trailing newline, and a warning when every user of the machine may read the file.
 pub fn read_secret_file(source: &str, path: &Path) -> Result<(String, Option<String>), String> {
-    use std::os::unix::fs::PermissionsExt;
-    let contents = std::fs::read_to_string(path).map_err(|e| {
-        format!(
+    let value = crate::redact::read_secret_file(path).map_err(|e| match e {
+        SecretFileError::Unreadable(e) => format!(
             "{source} names {}, which cannot be read ({e}): mount the secret there, make it readable by the relay's user, or unset {source}",
             path.display()
-        )
-    })?;
-    let value = contents
-        .strip_suffix('\n')
-        .map(|v| v.strip_suffix('\r').unwrap_or(v))
-        .unwrap_or(&contents);
-    if value.is_empty() {
-        return Err(format!(
+        ),
+        SecretFileError::Empty => format!(
             "{source} names {}, which is empty: write the secret into it",
             path.display()
-        ));
+        ),
+    })?;
+    let warning = world_readable_mode(path).map(|mode| {
+        format!(
+            "{source} names {}, which every user of this machine may read (mode {mode:o}): chmod o-r it (a Kubernetes secret volume: defaultMode 0400 or 0440)",
+            path.display()
+        )
+    });
+    Ok((value.expose().to_string(), warning))
+}
+
+/// Reads the secret file `file`, set by the key `<key>_file`, into the key `key` (`value`),
+/// which must not be set as well; returns a warning about the file, if any.
+fn resolve_secret_file(
+    key: &str,
+    value: &mut Secret,
+    file: Option<&Path>,
+) -> Result<Option<String>, Error> {
+    let Some(path) = file else {
+        return Ok(None);
+    };
+    let variable = format!(
+        "{ENV_PREFIX}{}",
+        key.replace('.', "__").to_ascii_uppercase()
+    );
+    if !value.is_empty() {
+        return Err(Error::Config(format!(
+            "invalid configuration: {key} and {key}_file are both set: keep one ({variable}, {variable}_FILE)"
+        )));
     }
-    let warning = std::fs::metadata(path)
-        .ok()
-        .map(|m| m.permissions().mode())
-        .filter(|mode| mode & 0o004 != 0)
-        .map(|mode| {
-            format!(
-                "{source} names {}, which every user of this machine may read (mode {:o}): chmod o-r it (a Kubernetes secret volume: defaultMode 0400 or 0440)",
-                path.display(),
-                mode & 0o777
-            )
-        });
-    Ok((value.to_string(), warning))
+    let (secret, warning) = read_secret_file(&format!("{key}_file ({variable}_FILE)"), path)
+        .map_err(|e| Error::Config(format!("invalid configuration: {e}")))?;
+    *value = Secret::new(secret);
+    Ok(warning)
 }
 
 /// A query parameter of a URL (the last one of that name), if present.
@@ -929,21 +931,11 @@ fn url_param(url: &str, name: &str) -> Option<String> {
 impl DatabaseConfig {
     /// Reads `password_file` into `password`; returns a warning about the file, if any.
     fn resolve_password_file(&mut self) -> Result<Option<String>, Error> {
-        let Some(path) = &self.password_file else {
-            return Ok(None);
-        };
-        if !self.password.is_empty() {
-            return Err(Error::Config(
-                "invalid configuration: database.password and database.password_file are both set: keep one (OUTBOX_DATABASE__PASSWORD, OUTBOX_DATABASE__PASSWORD_FILE)".into(),
-            ));
-        }
-        let (value, warning) = read_secret_file(
-            "database.password_file (OUTBOX_DATABASE__PASSWORD_FILE)",
-            path,
+        resolve_secret_file(
+            "database.password",
+            &mut self.password,
+            self.password_file.as_deref(),
         )
-        .map_err(|e| Error::Config(format!("invalid configuration: {e}")))?;
-        self.password = Secret::new(value);
-        Ok(warning)
     }
 
     /// The `sslmode` in effect as far as the configuration says: `tls.mode`, else the URL's
@@ -973,7 +965,6 @@ impl DatabaseConfig {
     /// What is wrong with the TLS settings: files missing, unreadable, not PEM, a private key
     /// others may read, a certificate without its key.
     fn tls_problems(&self) -> Vec<String> {
-        use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let name = |setting: &str| match setting {
             "sslrootcert" | "sslcert" | "sslkey" => format!("{setting} in database.url"),
             key => format!(
@@ -1024,16 +1015,15 @@ impl DatabaseConfig {
         if let (_, Some(path)) = &key {
             // libpq's rule: a key owned by the relay's user must be private to it (0600); one
             // owned by root may also be readable by its group (0640).
-            if let Ok(meta) = std::fs::metadata(path) {
-                let mode = meta.permissions().mode() & 0o777;
-                let allowed = if meta.uid() == 0 { 0o640 } else { 0o600 };
-                if mode & !allowed != 0 {
-                    problems.push(format!(
-                        "{} names {}, a private key that others may read (mode {mode:o}): chmod {allowed:o} it (PostgreSQL's clients refuse such keys too)",
-                        name(key.0),
-                        path.display()
-                    ));
-                }
+            let too_open = std::fs::metadata(path)
+                .ok()
+                .and_then(|meta| key_mode_too_open(&meta));
+            if let Some((mode, allowed)) = too_open {
+                problems.push(format!(
+                    "{} names {}, a private key that others may read (mode {mode:o}): chmod {allowed:o} it (PostgreSQL's clients refuse such keys too)",
+                    name(key.0),
+                    path.display()
+                ));
             }
         }
         if cert.1.is_some() != key.1.is_some() {

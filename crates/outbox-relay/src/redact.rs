@@ -1,7 +1,11 @@
 //! Secrets kept out of logs and error texts: URLs with their credentials replaced, and
-//! [`Secret`], the type of every configuration value that is a password, token or key.
+//! [`Secret`], the type of every configuration value that is a password, token or key; and the
+//! files secrets come from: [`read_secret_file`], and the permission checks of a secret file
+//! ([`world_readable_mode`]) and of a private key ([`key_mode_too_open`]). Each caller words
+//! the errors itself, naming the key or variable that named the file.
 
 use std::fmt;
+use std::path::Path;
 
 /// A configuration value that must never be shown: a password, a token, a private key.
 ///
@@ -108,6 +112,54 @@ pub fn redact_url(raw: &str) -> String {
         u.query_pairs_mut().clear().extend_pairs(pairs);
     }
     u.to_string()
+}
+
+/// Why a secret file gave no secret.
+#[derive(Debug)]
+pub enum SecretFileError {
+    /// The file cannot be read; of kind [`std::io::ErrorKind::InvalidData`] when it is not
+    /// UTF-8 text (as [`std::fs::read_to_string`] reports it).
+    Unreadable(std::io::Error),
+    /// The file holds nothing but, at most, the newline.
+    Empty,
+}
+
+/// A secret from its file: the contents without one trailing newline (`\n` or `\r\n`, what
+/// `echo` and most secret stores add); never empty. (A file whose final newline belongs to it,
+/// such as a NATS `.creds` file, is read unchanged with [`std::fs::read_to_string`].)
+pub fn read_secret_file(path: &Path) -> Result<Secret, SecretFileError> {
+    let contents = std::fs::read_to_string(path).map_err(SecretFileError::Unreadable)?;
+    let value = contents
+        .strip_suffix('\n')
+        .map(|v| v.strip_suffix('\r').unwrap_or(v))
+        .unwrap_or(&contents);
+    if value.is_empty() {
+        return Err(SecretFileError::Empty);
+    }
+    Ok(Secret::new(value))
+}
+
+/// The permission bits of `path` (`0o777` at most) when every user of the machine may read it;
+/// `None` when it is private to its owner and group, or when its metadata cannot be read (a
+/// warning at start, not an error: a Kubernetes secret volume is world-readable unless its
+/// `defaultMode` says otherwise).
+pub fn world_readable_mode(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| m.permissions().mode())
+        .filter(|mode| mode & 0o004 != 0)
+        .map(|mode| mode & 0o777)
+}
+
+/// libpq's rule for a private key file: mode `0600` or stricter, or `0640` when owned by root
+/// (a key shared with a group of readers is how a key leaks). `Some((mode, allowed))`, the
+/// file's permission bits and the widest allowed, when the file's are wider.
+pub fn key_mode_too_open(meta: &std::fs::Metadata) -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let mode = meta.mode() & 0o777;
+    let allowed = if meta.uid() == 0 { 0o640 } else { 0o600 };
+    (mode & !allowed != 0).then_some((mode, allowed))
 }
 
 #[cfg(test)]

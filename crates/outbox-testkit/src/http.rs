@@ -1,7 +1,7 @@
 //! The relay's (and Prometheus's) HTTP side, without an HTTP client crate: one HTTP/1.0 GET,
 //! plain ([`get`], [`get_with`]) or over TLS ([`get_tls`]), one parser of the Prometheus text
-//! format ([`metric`]), `/metrics` scraping, waiting for `/healthz`, and a relay config with its
-//! HTTP server on a given port.
+//! format ([`metric`]), `/metrics` scraping, waiting for `/healthz` and for `/readyz` to report a
+//! sink down ([`readyz_sink_down`]), and a relay config with its HTTP server on a given port.
 
 use std::time::Duration;
 
@@ -193,6 +193,40 @@ pub async fn scrape_metric(addr: impl Endpoint, name: &str, labels: &[(&str, &st
     match get(addr, "/metrics").await {
         Some((200, body)) => metric_or_zero(&body, name, labels),
         _ => 0.0,
+    }
+}
+
+/// Polls `/readyz` for up to 60 s until it answers 503 with sink `sink` down and its error
+/// containing every one of `want`; returns that error and the whole answer. `Err` says what the
+/// last answer was, for the caller's panic message (with the relay's log, say).
+pub async fn readyz_sink_down(
+    addr: impl Endpoint,
+    sink: &str,
+    want: &[&str],
+) -> Result<(String, serde_json::Value), String> {
+    let addr = addr.host_port();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let answer = get(&addr, "/readyz").await;
+        if let Some((503, body)) = &answer {
+            let json: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+            let error = json["sinks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|s| s["sink"] == sink && s["up"] == false)
+                .and_then(|s| s["error"].as_str())
+                .map(str::to_owned);
+            if let Some(error) = error.filter(|e| want.iter().all(|w| e.contains(w))) {
+                return Ok((error, json));
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "/readyz at {addr} did not report sink {sink} down with {want:?} within 60 s; last answer: {answer:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

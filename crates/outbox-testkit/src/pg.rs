@@ -87,6 +87,40 @@ impl TestDb {
             .await
             .unwrap()
     }
+
+    /// The most attempts of a waiting row; `None` when no row waits.
+    pub async fn max_attempts(&self) -> Option<i32> {
+        sqlx::query_scalar("SELECT max(attempts) FROM outbox.messages")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// Asserts what a sink that is down leaves behind: `n` rows waiting, no attempt counted on
+    /// any, nothing dead-lettered. `what` starts the failure message.
+    pub async fn assert_untouched(&self, n: i64, what: &str) {
+        let state = (
+            self.waiting().await,
+            self.max_attempts().await,
+            self.dead_letters().await,
+        );
+        assert_eq!(state, (n, Some(0), 0), "{what}: rows wait untouched");
+    }
+
+    pub async fn dead_letters(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM outbox.dead_letters")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// Runs `sql` (one statement or several) as the database's owner.
+    pub async fn execute(&self, sql: &str) {
+        sqlx::raw_sql(sql)
+            .execute(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
 }
 
 impl Drop for TestDb {

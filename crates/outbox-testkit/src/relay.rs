@@ -1,6 +1,6 @@
 //! The relay under test as a separate process, as in production: [`RelayProcess`] runs the
 //! real `outbox-relay` binary (`--config <file> run`) with a config file of its own; SIGKILL,
-//! SIGTERM, exit status, captured stderr.
+//! SIGTERM, exit status, captured stderr, and the lines of it a test looks for ([`log_lines`]).
 //!
 //! The binary's path comes from the caller: Cargo tells only the relay crate's own integration
 //! tests where it built it (`env!("CARGO_BIN_EXE_outbox-relay")`). [`die_with_parent`] ties any
@@ -82,6 +82,15 @@ impl RelayProcess {
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
+}
+
+/// How many lines of a relay's log (`stderr`) are at `level` (`"INFO"`, `"WARN"`) and contain
+/// every one of `parts`.
+pub fn log_lines(stderr: &str, level: &str, parts: &[&str]) -> usize {
+    stderr
+        .lines()
+        .filter(|l| l.contains(level) && parts.iter().all(|p| l.contains(p)))
+        .count()
 }
 
 impl Drop for RelayProcess {

@@ -129,8 +129,9 @@ impl TestPki {
 }
 
 /// Writes `contents` readable by the owner only: PostgreSQL refuses a key file that others can
-/// read, and the relay's own check of key files expects the same.
-fn write_private(path: &Path, contents: &str) {
+/// read, and the relay's own check of key files expects the same (a secret file, too: the relay
+/// warns about one every user may read).
+pub fn write_private(path: &Path, contents: &str) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::write(path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))

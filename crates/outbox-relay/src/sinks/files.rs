@@ -3,40 +3,30 @@
 
 use std::path::Path;
 
+use crate::redact::{key_mode_too_open, SecretFileError};
 use crate::Secret;
 
 /// The contents of a secret file without one trailing newline (what `echo` and most secret
 /// stores add). An empty file is an error.
 pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
-    let contents = std::fs::read_to_string(path).map_err(|e| {
-        format!(
+    crate::redact::read_secret_file(path).map_err(|e| match e {
+        SecretFileError::Unreadable(e) => format!(
             "{} cannot be read ({e}): mount the secret there and make it readable by the relay's user",
             path.display()
-        )
-    })?;
-    let value = contents
-        .strip_suffix('\n')
-        .map(|v| v.strip_suffix('\r').unwrap_or(v))
-        .unwrap_or(&contents);
-    if value.is_empty() {
-        return Err(format!(
+        ),
+        SecretFileError::Empty => format!(
             "{} is empty: write the secret into it",
             path.display()
-        ));
-    }
-    Ok(Secret::new(value))
+        ),
+    })
 }
 
 /// Checks that a private key file exists and that only its owner may read it, as libpq requires
-/// of its key files: mode `0600` or stricter, or `0640` when owned by root (a key shared with a
-/// group of readers is how a key leaks).
+/// of its key files ([`key_mode_too_open`]).
 pub fn check_private_key(path: &Path) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
     let meta =
         std::fs::metadata(path).map_err(|e| format!("{} cannot be read ({e})", path.display()))?;
-    let mode = meta.mode() & 0o777;
-    let allowed = if meta.uid() == 0 { 0o640 } else { 0o600 };
-    if mode & !allowed != 0 {
+    if let Some((mode, _)) = key_mode_too_open(&meta) {
         return Err(format!(
             "{} may be read by other users (mode {mode:o}): chmod 600 it (or 640 owned by root)",
             path.display()

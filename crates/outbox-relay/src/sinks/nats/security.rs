@@ -30,7 +30,7 @@ use async_nats::ConnectOptions;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 use super::config::{NatsConfig, NatsTlsConfig};
-use crate::redact::Secret;
+use crate::redact::{world_readable_mode, Secret, SecretFileError};
 
 /// The port of a URL without one (NATS's default).
 const DEFAULT_PORT: u16 = 4222;
@@ -148,34 +148,29 @@ fn pem_certificates(
 }
 
 fn read_file(key: &str, path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| {
-        format!(
-            "{key}: cannot read {} ({e}): mount the file there and make it readable by the relay's user, or unset {key}",
-            path.display()
-        )
-    })
+    std::fs::read(path).map_err(|e| unreadable(key, path, e))
+}
+
+fn unreadable(key: &str, path: &Path, e: io::Error) -> String {
+    format!(
+        "{key}: cannot read {} ({e}): mount the file there and make it readable by the relay's user, or unset {key}",
+        path.display()
+    )
 }
 
 /// A secret from its file: the contents without one trailing newline; never empty.
 fn read_secret(key: &str, path: &Path) -> Result<Secret, String> {
-    let bytes = read_file(key, path)?;
-    let text = String::from_utf8(bytes).map_err(|_| {
-        format!(
+    crate::redact::read_secret_file(path).map_err(|e| match e {
+        SecretFileError::Unreadable(e) if e.kind() == io::ErrorKind::InvalidData => format!(
             "{key}: {} is not UTF-8 text: write the secret into it as text",
             path.display()
-        )
-    })?;
-    let value = text
-        .strip_suffix('\n')
-        .map(|v| v.strip_suffix('\r').unwrap_or(v))
-        .unwrap_or(&text);
-    if value.is_empty() {
-        return Err(format!(
+        ),
+        SecretFileError::Unreadable(e) => unreadable(key, path, e),
+        SecretFileError::Empty => format!(
             "{key}: {} is empty: write the secret into it",
             path.display()
-        ));
-    }
-    Ok(Secret::new(value))
+        ),
+    })
 }
 
 /// The TLS settings for the start-up log.
@@ -223,7 +218,7 @@ pub(super) fn warn_about_exposure(name: &str, config: &NatsConfig, auth: &Auth) 
         ("tls.key_file", &config.tls.key_file),
     ];
     for (key, path) in files {
-        if let Some(path) = path.as_ref().filter(|p| world_readable(p)) {
+        if let Some(path) = path.as_ref().filter(|p| world_readable_mode(p).is_some()) {
             tracing::warn!(
                 sink = name,
                 "sinks.{name}.{key} names {}, which every user of this machine may read: \
@@ -232,13 +227,6 @@ pub(super) fn warn_about_exposure(name: &str, config: &NatsConfig, auth: &Auth) 
             );
         }
     }
-}
-
-/// Whether every user of the machine may read `path` (a warning at start, not an error: a
-/// Kubernetes secret volume is world-readable unless its `defaultMode` says otherwise).
-pub(super) fn world_readable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o004 != 0)
 }
 
 /// The one authentication method of a sink.
