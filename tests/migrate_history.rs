@@ -6,6 +6,7 @@
 mod support;
 
 use std::path::Path;
+use std::time::Duration;
 
 use outbox_relay::store;
 use sqlx::migrate::Migrator;
@@ -217,22 +218,43 @@ async fn the_storage_migration_keeps_waiting_retrying_delayed_parked_and_in_flig
         .execute(&mut *claim)
         .await
         .unwrap();
-    // The migration runs beside the open claim: neither waits for the other (a READ COMMITTED
-    // claim between statements holds no snapshot for the index builds to wait for).
-    store::migrate(&db.pool).await.unwrap();
-    // The claim still holds its row, then ends as a relay's would when its broker confirmed
-    // nothing: rolled back.
-    let still_locked: Option<i64> =
-        sqlx::query_scalar("SELECT id FROM outbox.messages WHERE id = $1 FOR UPDATE SKIP LOCKED")
-            .bind(ids[11])
-            .fetch_optional(&db.pool)
-            .await
-            .unwrap();
-    assert_eq!(
-        still_locked, None,
-        "the claim kept its lock through the migration"
-    );
-    claim.rollback().await.unwrap();
+    // The migration runs beside the open claim. The index builds do not wait for it (a READ
+    // COMMITTED claim between statements holds no snapshot for them to wait for); dropping the
+    // old per-topic index concurrently waits for the transactions that use the table, so it
+    // finishes once the claim ends, as a relay's claim does within relay.claim_timeout_secs.
+    // The claim keeps its row all along, then ends as a relay's would when its broker
+    // confirmed nothing: rolled back.
+    let (migrated, ()) = tokio::join!(store::migrate(&db.pool), async {
+        wait_until(
+            Duration::from_secs(60),
+            "the index swap waits for the open claim",
+            || async {
+                sqlx::query_scalar::<_, bool>(
+                    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                      WHERE datname = current_database() AND pid <> pg_backend_pid()
+                        AND wait_event_type = 'Lock'
+                        AND query LIKE '%DROP INDEX CONCURRENTLY IF EXISTS outbox.messages_topic_id_idx%')",
+                )
+                .fetch_one(&db.pool)
+                .await
+                .unwrap()
+            },
+        )
+        .await;
+        let still_locked: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM outbox.messages WHERE id = $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(ids[11])
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            still_locked, None,
+            "the claim kept its lock through the migration"
+        );
+        claim.rollback().await.unwrap();
+    });
+    migrated.unwrap();
     assert_eq!(
         versions(&db.pool, "outbox._sqlx_migrations").await,
         relay_versions()

@@ -2,9 +2,11 @@
 //! claimed row (docs/architecture.md, "Storage under a held xmin horizon"): vacuum recorded the
 //! drained `outbox.messages` as empty (`reltuples` 0), then, while a snapshot held the xmin
 //! horizon, thousands of rows were delivered, so every index still holds their entries. Marking
-//! a batch by id then planned a full scan of `messages_topic_id_idx` (the id a condition on its
-//! second column), once per id. The completion addresses the claimed rows by `ctid` instead: a
-//! TID scan, whatever the statistics say. Checked through the plans (the relay's session
+//! a batch by id then planned a full scan of the per-topic index `(topic, id)` (the id a
+//! condition on its second column), once per id. The per-topic index is now partial
+//! (`messages_by_topic_idx … WHERE topic IS NOT NULL`, migrations/0010), which no condition on
+//! `id` alone can use, and the completion addresses the claimed rows by `ctid`: a TID scan,
+//! whatever the statistics say. Checked through the plans (the relay's session
 //! settings, generic plans as a long-lived session ends up with) and through the index
 //! statistics of a batch completed by the pipeline's own code.
 
@@ -85,7 +87,7 @@ async fn held_horizon_state(db: &TestDb, live: i64) -> (PgConnection, Vec<i64>) 
     let reltuples: Vec<(String, f32)> = sqlx::query_as(
         "SELECT c.relname::text, c.reltuples FROM pg_class c
           WHERE c.oid IN ('outbox.messages'::regclass, 'outbox.messages_pkey'::regclass,
-                          'outbox.messages_topic_id_idx'::regclass)",
+                          'outbox.messages_by_topic_idx'::regclass)",
     )
     .fetch_all(&mut setup)
     .await
@@ -198,29 +200,37 @@ async fn scans_of_messages(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_completion_statement_is_a_tid_scan_where_the_id_form_scanned_the_topic_index() {
+async fn completion_statements_are_tid_scans_and_id_conditions_use_the_primary_key() {
     let db = TestDb::new().await;
     let (holder, _) = held_horizon_state(&db, 10).await;
     let pool = relay_pool(&db, 1).await;
     let mut conn = pool.acquire().await.unwrap();
 
-    // The state is the defect's: the id form plans a full scan of the topic index.
-    let old = scans_of_messages(
-        &mut conn,
-        "by_id",
-        "DELETE FROM outbox.messages WHERE id = ANY($1)",
-        "bigint[]",
-        "'{1,2,3}'",
-    )
-    .await;
-    assert_eq!(
-        old,
-        [(
-            "Index Scan".to_string(),
-            Some("messages_topic_id_idx".to_string())
-        )],
-        "the set-up no longer reproduces the planner's choice of the topic index"
-    );
+    // The state is the defect's (empty statistics, a held horizon), yet a condition on `id`
+    // alone plans the primary key: the per-topic index is partial and cannot serve it. The
+    // ordered claim's pass over the batch's id range is such a condition.
+    for (name, sql, types, args) in [
+        (
+            "by_id",
+            "DELETE FROM outbox.messages WHERE id = ANY($1)",
+            "bigint[]",
+            "'{1,2,3}'",
+        ),
+        (
+            "id_range",
+            "SELECT e.key, e.id FROM outbox.messages e
+              WHERE e.id >= $1 AND e.id <= $2 AND e.slot = ANY('{1,2}'::smallint[])",
+            "bigint, bigint",
+            "1, 100",
+        ),
+    ] {
+        let plan = scans_of_messages(&mut conn, name, sql, types, args).await;
+        assert_eq!(
+            plan,
+            [("Index Scan".to_string(), Some("messages_pkey".to_string()))],
+            "{name}: a condition on id alone must plan the primary key"
+        );
+    }
 
     let ctids = r#"'{"(0,1)","(0,2)"}'"#;
     for (name, sql, types, args) in [
@@ -275,7 +285,7 @@ async fn completing_batches_under_a_held_horizon_does_not_scan_the_topic_index()
     };
     // idx_scan counts the scans of the index, idx_tup_read the entries they returned (not the
     // entries they stepped over): marking by id scanned the index once per id.
-    let mut reads = index_reads(&db, "messages_topic_id_idx").await;
+    let mut reads = index_reads(&db, "messages_by_topic_idx").await;
 
     // Batch 1, unordered: 60 delivered (deleted), 20 retried, 20 dead-lettered.
     let mut tx = pool.begin().await.unwrap();
@@ -295,11 +305,11 @@ async fn completing_batches_under_a_held_horizon_does_not_scan_the_topic_index()
         .await
         .unwrap();
     flush_stats(&mut pool.acquire().await.unwrap()).await;
-    let after = index_reads(&db, "messages_topic_id_idx").await;
+    let after = index_reads(&db, "messages_by_topic_idx").await;
     assert_eq!(
         (after.0 - reads.0, after.1 - reads.1),
         (0, 0),
-        "the claim and its completion scanned messages_topic_id_idx (idx_scan, idx_tup_read)"
+        "the claim and its completion scanned messages_by_topic_idx (idx_scan, idx_tup_read)"
     );
     reads = after;
 
@@ -315,7 +325,7 @@ async fn completing_batches_under_a_held_horizon_does_not_scan_the_topic_index()
     assert_eq!(claimed.len(), 50);
     tx.rollback().await.unwrap();
     flush_stats(&mut pool.acquire().await.unwrap()).await;
-    let after = index_reads(&db, "messages_topic_id_idx").await;
+    let after = index_reads(&db, "messages_by_topic_idx").await;
     let claim_alone = (after.0 - reads.0, after.1 - reads.1);
     reads = after;
 
@@ -332,11 +342,11 @@ async fn completing_batches_under_a_held_horizon_does_not_scan_the_topic_index()
         .await
         .unwrap();
     flush_stats(&mut pool.acquire().await.unwrap()).await;
-    let after = index_reads(&db, "messages_topic_id_idx").await;
+    let after = index_reads(&db, "messages_by_topic_idx").await;
     assert_eq!(
         (after.0 - reads.0, after.1 - reads.1),
         claim_alone,
-        "the completion scanned messages_topic_id_idx (idx_scan, idx_tup_read)"
+        "the completion scanned messages_by_topic_idx (idx_scan, idx_tup_read)"
     );
 
     // Every row went where its outcome sent it.

@@ -95,7 +95,7 @@ SELECT * FROM due UNION ALL SELECT * FROM fresh
 
 /// The topics that have waiting rows and are not `$2` (excluded), from the count deltas (a few
 /// rows per topic), each with its share of the batch. The claim while a circuit is open walks
-/// these topics' ranges of `messages_topic_id_idx` instead of the primary key: the rows of a sink
+/// these topics' ranges of `messages_by_topic_idx` instead of the primary key: the rows of a sink
 /// that has been down for hours pile up at the head of the table, and walking past millions of
 /// them on every claim (a heap fetch each, to read the topic) would slow every other sink to a
 /// crawl. The range form `topic >= t AND topic <= t ORDER BY topic, id` keeps the planner on that
@@ -110,7 +110,7 @@ share AS MATERIALIZED (
 )";
 
 /// The fresh rows of each active topic (`t`, see [`ACTIVE_TOPICS_SQL`]) from the floor `$3` on:
-/// the row comparison starts the scan of `messages_topic_id_idx` at `(topic, floor)`.
+/// the row comparison starts the scan of `messages_by_topic_idx` at `(topic, floor)`.
 macro_rules! fresh_rows_per_topic {
     ($cond:expr) => {
         concat!(
@@ -399,7 +399,7 @@ WITH ",
 );
 
 /// [`ORDERED_CLAIM_SQL`] while some topics are excluded (a sink's circuit is open): the fresh
-/// candidates are taken per active topic from `messages_topic_id_idx`, so a down sink's backlog
+/// candidates are taken per active topic from `messages_by_topic_idx`, so a down sink's backlog
 /// at the head of the table is not walked on every claim (see [`ACTIVE_TOPICS_SQL`]). Step 2 is
 /// the same rule with index probes per key (`ordered_tail`): a pass over the `id` range up to
 /// the last candidate would walk that backlog after all.

@@ -3,13 +3,14 @@
 //! keys of dead rows (`ordering.on_dead = "park"`). Each is one statement per batch.
 //!
 //! The statements on `outbox.messages` address the claimed rows by their `ctid` (a TID scan),
-//! not by id. Every index of the table can compete with the primary key for an `id = ANY(…)`
-//! lookup, and once vacuum has recorded the drained table as empty, the planner costs a full
-//! scan of `messages_topic_id_idx`, with the id as a condition on its second column, the same
-//! as the primary-key lookup, and may pick it: under a held xmin horizon that index holds an
-//! entry for every deleted row, and the scan reads them all, once per id of the batch
-//! (docs/architecture.md, "Storage under a held xmin horizon"). A TID scan reads exactly the
-//! rows named, and no index competes with it.
+//! not by id. An index whose second column is `id` can compete with the primary key for an
+//! `id = ANY(…)` lookup: once vacuum had recorded the drained table as empty, the planner costed
+//! a full scan of the former `messages_topic_id_idx (topic, id)`, with the id as a condition on
+//! its second column, the same as the primary-key lookup, and picked it; under a held xmin
+//! horizon that index holds an entry for every deleted row, and the scan read them all, once per
+//! id of the batch (docs/architecture.md, "Storage under a held xmin horizon"). The per-topic
+//! index is now partial (migrations/0010) so that conditions on `id` alone cannot use it, and a
+//! TID scan reads exactly the rows named, whatever indexes the table gains later.
 //!
 //! This is safe because the claim transaction holds each claimed row's `FOR UPDATE` lock until
 //! it ends: nobody else can update or delete the row, and vacuum cannot remove it, so its `ctid`

@@ -24,7 +24,7 @@ pub struct TopicLag {
 
 /// Per-topic backlog without scanning the table: the count is the sum of the insert-only
 /// deltas (a handful of rows per topic after compaction); the oldest due row is the older of
-/// the topic's first fresh row from the claim floor on (one descent of `messages_topic_id_idx`,
+/// the topic's first fresh row from the claim floor on (one descent of `messages_by_topic_idx`,
 /// so the rows deleted below the floor are not walked) and its oldest due set-aside row (from
 /// `messages_set_aside_due_idx`); scheduled rows are counted from the same index.
 ///
@@ -32,7 +32,7 @@ pub struct TopicLag {
 /// id` on purpose: with `topic = $t ORDER BY id` the planner may walk the primary key and filter
 /// on topic, which reads most of the table to find the first row of a quiet topic whose rows
 /// are all recent (measured: 230 ms at 200,000 rows, the cost of a COUNT(*)). In the range form
-/// only `messages_topic_id_idx` yields that order, so each topic costs one index descent.
+/// only `messages_by_topic_idx` yields that order, so each topic costs one index descent.
 /// Measured with 5 million waiting rows by `cargo run --example lag_bench` (docs/metrics.md,
 /// "Lag that stays cheap").
 pub const LAG_SQL: &str = "
