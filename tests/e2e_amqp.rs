@@ -374,7 +374,7 @@ routes = [{{ topics = ["a.*"], exchange = "{exchange}", routing_key = "{{topic}}
 [sinks.nats]
 kind = "nats"
 url = "{nats}"
-stream = {{ name = "{stream}", subjects = ["{prefix}.>"], create = true, storage = "memory" }}
+stream = {{ name = "{stream}", subjects = ["{prefix}.>"], create = true, storage = "memory", max_bytes = 67108864 }}
 routes = [{{ topics = ["n.*"], subject = "{prefix}.{{topic}}" }}]
 "#,
         db = db.url,

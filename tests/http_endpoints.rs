@@ -51,7 +51,7 @@ listen = "{addr}"
 [sinks.nats]
 kind = "nats"
 url = "{nats}"
-stream = {{ name = "{stream}", subjects = ["{prefix}.>"], create = true, storage = "memory" }}
+stream = {{ name = "{stream}", subjects = ["{prefix}.>"], create = true, storage = "memory", max_bytes = 67108864 }}
 routes = [{{ topics = ["ok.*"], subject = "{prefix}.{{topic}}" }}]
 "#,
         db = db.url,

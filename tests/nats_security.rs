@@ -32,7 +32,7 @@ kind = "nats"
 url = "{url}"
 connect_timeout_secs = 2
 {sink_keys}
-stream = {{ name = "{stream}", subjects = ["{prefix}.>"], create = true, storage = "memory" }}
+stream = {{ name = "{stream}", subjects = ["{prefix}.>"], create = true, storage = "memory", max_bytes = 67108864 }}
 routes = [{{ topics = ["*"], subject = "{prefix}.{{topic}}" }}]
 "#
     )

@@ -42,7 +42,7 @@ listen = "127.0.0.1:{http_port}"
 [sinks.nats]
 kind = "nats"
 url = "{nats}"
-stream = {{ name = "{stream}", subjects = ["{prefix}.>"], create = true, storage = "memory" }}
+stream = {{ name = "{stream}", subjects = ["{prefix}.>"], create = true, storage = "memory", max_bytes = 67108864 }}
 routes = [
   {{ topics = ["obs.*"], subject = "{prefix}.{{topic}}" }},
   # No stream captures this subject: JetStream answers "no responders", a retriable error.

@@ -28,7 +28,7 @@ listen = ""
 [sinks.nats]
 kind = "nats"
 url = "{nats}"
-stream = {{ name = "{stream}", subjects = ["{prefix}.>"], create = true, storage = "memory" }}
+stream = {{ name = "{stream}", subjects = ["{prefix}.>"], create = true, storage = "memory", max_bytes = 67108864 }}
 routes = [{{ topics = ["st.*"], subject = "{prefix}.{{topic}}" }}]
 "#
     )

@@ -120,7 +120,7 @@ kind = "nats"
 url = "{nats_url}"
 user = "relay"
 password = "{broker_secret}"
-stream = {{ name = "{stream}", subjects = ["{prefix}.>"], create = true, storage = "memory" }}
+stream = {{ name = "{stream}", subjects = ["{prefix}.>"], create = true, storage = "memory", max_bytes = 67108864 }}
 routes = [{{ topics = ["*"], subject = "{prefix}.{{topic}}" }}]
 "#,
             nats_url = nats.url()

@@ -21,7 +21,9 @@ pub fn nats_url() -> String {
 }
 
 /// A config file for a relay on `db_url` publishing every topic to NATS `stream` under
-/// `<prefix>.{topic}`. `extra` is appended verbatim (more `[relay]` keys go in `relay_extra`).
+/// `<prefix>.{topic}`. The test streams are capped at 64 MiB: JetStream reserves a stream's
+/// `max_bytes` (the relay's default 1 GiB) from the server's memory when it is created, and a
+/// few dozen tests in parallel on the shared server would exhaust it. `extra` is appended verbatim (more `[relay]` keys go in `relay_extra`).
 pub fn nats_config(
     db_url: &str,
     nats_url: &str,
@@ -43,7 +45,7 @@ listen = ""
 [sinks.nats]
 kind = "nats"
 url = "{nats_url}"
-stream = {{ name = "{stream}", subjects = ["{prefix}.>"], create = true, storage = "memory" }}
+stream = {{ name = "{stream}", subjects = ["{prefix}.>"], create = true, storage = "memory", max_bytes = 67108864 }}
 routes = [{{ topics = ["*"], subject = "{prefix}.{{topic}}" }}]
 "#
     )
@@ -80,7 +82,7 @@ listen = "{listen}"
 kind = "nats"
 url = "{nats_url}"
 connect_timeout_secs = 2
-stream = {{ name = "{stream}", subjects = ["{prefix}.>"], create = true, storage = "file" }}
+stream = {{ name = "{stream}", subjects = ["{prefix}.>"], create = true, storage = "file", max_bytes = 67108864 }}
 routes = {routes}
 "#
     )
