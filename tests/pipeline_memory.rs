@@ -610,3 +610,79 @@ async fn a_relay_with_a_sink_down_that_another_relay_reaches_yields_its_slots() 
     let a4 = beat(a.clone(), false).await;
     assert!(!a4.owned.is_empty(), "a takes slots again");
 }
+
+/// The slot leases ride on the membership row: a steady heartbeat writes no slot row (so a held
+/// xmin horizon does not pile up 256 row versions per relay per beat), and the slots of a relay
+/// whose membership expired go to the relays that are still live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_heartbeats_write_no_slot_rows_and_expired_members_lose_their_slots() {
+    use outbox_relay::store::cluster::{heartbeat, Leases, Report};
+    let db = TestDb::new().await;
+    let (a, b) = (
+        outbox_relay::cluster::new_identity(),
+        outbox_relay::cluster::new_identity(),
+    );
+    let leases = |lease: Duration| {
+        Some(Leases {
+            lease,
+            slots: outbox_relay::store::SLOTS,
+            eligible: true,
+        })
+    };
+    let beat = |id: outbox_relay::store::cluster::Identity, lease: Duration| {
+        let pool = db.pool.clone();
+        async move {
+            let mut conn = pool.acquire().await.unwrap();
+            let (interval, expiry) = (Duration::from_secs(1), Duration::from_secs(20));
+            heartbeat(
+                &mut conn,
+                &id,
+                interval,
+                expiry,
+                &Report::default(),
+                leases(lease),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let versions = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT string_agg(ctid::text || ':' || xmin::text, ',' ORDER BY slot)
+               FROM outbox.partition_leases",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    let long = Duration::from_secs(60);
+    let first = beat(a.clone(), long).await;
+    assert_eq!(first.owned.len(), outbox_relay::store::SLOTS);
+    let before = versions().await;
+    for _ in 0..5 {
+        let again = beat(a.clone(), long).await;
+        assert_eq!(again.owned, first.owned, "a steady relay keeps its slots");
+    }
+    assert_eq!(
+        versions().await,
+        before,
+        "renewing the leases must not write the slot rows"
+    );
+
+    // b joins; a releases half on its next beat, b takes them.
+    beat(b.clone(), long).await;
+    let a2 = beat(a.clone(), long).await;
+    let b2 = beat(b.clone(), long).await;
+    assert_eq!(a2.owned.len(), outbox_relay::store::SLOTS / 2);
+    assert_eq!(b2.owned.len(), outbox_relay::store::SLOTS / 2);
+
+    // a's membership expires (as when it stops beating): b takes a's slots, although their rows
+    // still name a.
+    sqlx::query("UPDATE outbox.ordering_members SET expires_at = now() - interval '1 second' WHERE relay_id = $1")
+        .bind(&a.relay_id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let b3 = beat(b.clone(), long).await;
+    assert_eq!(b3.owned.len(), outbox_relay::store::SLOTS);
+}

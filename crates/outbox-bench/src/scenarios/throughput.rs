@@ -164,8 +164,9 @@ async fn settle(
         let settled = live == spec.relays as i64
             && (!spec.ordering || {
                 let owned: Vec<i64> = sqlx::query_scalar(
-                    "SELECT count(*) FROM outbox.partition_leases
-                      WHERE relay_id IS NOT NULL AND expires_at > now() GROUP BY relay_id",
+                    "SELECT count(*) FROM outbox.partition_leases l
+                       JOIN outbox.ordering_members m USING (relay_id)
+                      WHERE m.expires_at > now() GROUP BY l.relay_id",
                 )
                 .fetch_all(&db.pool)
                 .await?;

@@ -56,9 +56,11 @@ pub struct Beat {
 }
 
 /// One heartbeat, in one transaction: upsert this relay's `outbox.relays` row, delete the rows of
-/// relays silent for longer than `expiry`, and with `leases` renew this relay's membership and
-/// slot leases and move toward `ceil(slots / members)` slots: release the extras (highest
-/// first) or take free and expired slots (`SKIP LOCKED`, so two relays never fight over one).
+/// relays silent for longer than `expiry`, and with `leases` renew this relay's membership (which
+/// is the lease of every slot it holds) and move toward `ceil(slots / members)` slots: release
+/// the extras (highest first) or take slots that are free or held by a relay that is no longer
+/// a live member (`SKIP LOCKED`, so two relays never fight over one). A slot row is written only
+/// when it changes hands.
 pub async fn heartbeat(
     conn: &mut PgConnection,
     me: &Identity,
@@ -169,14 +171,15 @@ async fn renew_leases(
     } else {
         0
     };
-    let mut owned: Vec<i16> = sqlx::query_scalar(
-        "UPDATE outbox.partition_leases SET expires_at = now() + $2 * interval '1 millisecond'
-          WHERE relay_id = $1 RETURNING slot",
-    )
-    .bind(&me.relay_id)
-    .bind(lease_ms)
-    .fetch_all(&mut *conn)
-    .await?;
+    // The leases are renewed by the membership row above: a slot is held while its relay is a
+    // live member. Reading the owned slots writes nothing, so a steady heartbeat adds one row
+    // version per beat (the member's), not one per slot, to tables that a held xmin horizon
+    // keeps from being vacuumed.
+    let mut owned: Vec<i16> =
+        sqlx::query_scalar("SELECT slot FROM outbox.partition_leases WHERE relay_id = $1")
+            .bind(&me.relay_id)
+            .fetch_all(&mut *conn)
+            .await?;
     owned.sort_unstable();
     if owned.len() > target {
         let extras = owned.split_off(target);
@@ -193,7 +196,10 @@ async fn renew_leases(
             "UPDATE outbox.partition_leases l
                 SET relay_id = $1, expires_at = now() + $2 * interval '1 millisecond'
               WHERE l.slot IN (SELECT f.slot FROM outbox.partition_leases f
-                                WHERE f.relay_id IS NULL OR f.expires_at < now()
+                                WHERE f.relay_id IS NULL
+                                   OR NOT EXISTS (SELECT 1 FROM outbox.ordering_members m
+                                                   WHERE m.relay_id = f.relay_id
+                                                     AND m.expires_at > now())
                                 ORDER BY f.slot LIMIT $3
                                   FOR UPDATE SKIP LOCKED)
              RETURNING l.slot",
