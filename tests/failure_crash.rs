@@ -126,10 +126,26 @@ async fn hung_relay_releases_its_claim_after_claim_timeout() {
     .await;
     nats.pause();
     ids.extend(enqueue_n(&db, "crash.stop", 300).await);
-    let backend = wait_for_open_claim(&db.pool, &db.name, Duration::from_secs(30)).await;
-    unsafe {
-        libc::kill(relay.pid(), libc::SIGSTOP);
-    }
+    // Freeze the relay while its open claim holds rows. A claim transaction seen idle may be
+    // one that found nothing (it began before the 300 rows committed) and is about to commit:
+    // then let the relay go on and catch the next one.
+    let freeze_deadline = Instant::now() + Duration::from_secs(30);
+    let backend = loop {
+        let backend = wait_for_open_claim(&db.pool, &db.name, Duration::from_secs(30)).await;
+        unsafe {
+            libc::kill(relay.pid(), libc::SIGSTOP);
+        }
+        if claimable(&db.pool).await < 300 {
+            break backend;
+        }
+        unsafe {
+            libc::kill(relay.pid(), libc::SIGCONT);
+        }
+        assert!(
+            Instant::now() < freeze_deadline,
+            "the relay never held a claim on the waiting rows"
+        );
+    };
     let stopped = Instant::now();
     // How long the claim had been idle when the relay froze (PostgreSQL's clock).
     let idle_before: f64 = sqlx::query_scalar(
@@ -140,11 +156,6 @@ async fn hung_relay_releases_its_claim_after_claim_timeout() {
     .await
     .unwrap()
     .unwrap_or(0.0);
-    assert!(
-        claimable(&db.pool).await < 300,
-        "the frozen relay holds a claim"
-    );
-
     wait_until(
         Duration::from_secs(20),
         "claim released by idle_in_transaction_session_timeout",
