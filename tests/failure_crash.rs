@@ -67,8 +67,7 @@ async fn sigkill_releases_claimed_rows_at_once_and_republish_is_deduplicated() {
     nats.pause();
     let mut ids = enqueue_n(&db, "crash.kill", 300).await;
     ids.extend(first);
-    wait_for_open_claim(&db.pool, &db.name, Duration::from_secs(30)).await;
-    assert!(claimable(&db.pool).await < 300, "a batch is claimed");
+    wait_for_open_claim(&db.pool, &db.name, 300, Duration::from_secs(30)).await;
 
     relay.sigkill();
     let killed = Instant::now();
@@ -131,7 +130,7 @@ async fn hung_relay_releases_its_claim_after_claim_timeout() {
     // then let the relay go on and catch the next one.
     let freeze_deadline = Instant::now() + Duration::from_secs(30);
     let backend = loop {
-        let backend = wait_for_open_claim(&db.pool, &db.name, Duration::from_secs(30)).await;
+        let backend = wait_for_open_claim(&db.pool, &db.name, 300, Duration::from_secs(30)).await;
         unsafe {
             libc::kill(relay.pid(), libc::SIGSTOP);
         }
@@ -215,7 +214,7 @@ async fn database_lost_between_publish_and_mark_republishes_as_duplicates() {
 
     nats.pause();
     ids.extend(enqueue_n(&db, "crash.mark", 100).await);
-    let backend = wait_for_open_claim(&db.pool, &db.name, Duration::from_secs(30)).await;
+    let backend = wait_for_open_claim(&db.pool, &db.name, 100, Duration::from_secs(30)).await;
     wait_until(
         Duration::from_secs(10),
         "in-flight gauge shows the claimed batch",
@@ -358,7 +357,7 @@ async fn sigterm_with_a_hung_broker_exits_zero_within_the_deadline() {
     .await;
     nats.pause();
     enqueue_n(&db, "shutdown.hung", 50).await;
-    wait_for_open_claim(&db.pool, &db.name, Duration::from_secs(30)).await;
+    wait_for_open_claim(&db.pool, &db.name, 50, Duration::from_secs(30)).await;
 
     relay.sigterm();
     let started = Instant::now();

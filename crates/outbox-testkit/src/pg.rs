@@ -470,12 +470,15 @@ pub async fn claimable(pool: &PgPool) -> i64 {
 }
 
 /// The backend pid of a relay's claim transaction that waits on the broker (`idle in
-/// transaction` in database `db`, its claim statement done: it holds the row locks).
-pub async fn wait_for_open_claim(pool: &PgPool, db: &str, timeout: Duration) -> i32 {
+/// transaction` in database `db`, its claim statement done) while it holds some of the `waiting`
+/// rows locked. A transaction seen idle may be a claim that found nothing and is about to
+/// commit: it counts only if it stayed idle, unchanged, across a count of the rows still
+/// claimable that came out below `waiting`.
+pub async fn wait_for_open_claim(pool: &PgPool, db: &str, waiting: i64, timeout: Duration) -> i32 {
     let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let pid: Option<i32> = sqlx::query_scalar(
-            "SELECT a.pid FROM pg_stat_activity a
+    let idle_claim = || async {
+        sqlx::query_as::<_, (i32, String)>(
+            "SELECT a.pid, a.state_change::text FROM pg_stat_activity a
                JOIN pg_locks l ON l.pid = a.pid AND l.relation = 'outbox.messages'::regclass AND l.mode = 'RowShareLock'
               WHERE a.datname = $1 AND a.application_name = 'outbox-relay' AND a.state = 'idle in transaction'
               ORDER BY a.state_change LIMIT 1",
@@ -483,13 +486,17 @@ pub async fn wait_for_open_claim(pool: &PgPool, db: &str, timeout: Duration) -> 
         .bind(db)
         .fetch_optional(pool)
         .await
-        .unwrap();
-        if let Some(pid) = pid {
-            return pid;
+        .unwrap()
+    };
+    loop {
+        if let Some(before) = idle_claim().await {
+            if claimable(pool).await < waiting && idle_claim().await.as_ref() == Some(&before) {
+                return before.0;
+            }
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "no relay claim transaction appeared within {timeout:?}"
+            "no relay claim transaction holding rows appeared within {timeout:?}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
