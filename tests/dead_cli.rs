@@ -858,3 +858,71 @@ async fn retried_dead_letter_is_delivered() {
     .await;
     consumer.delete_stream().await;
 }
+
+/// Every changing `dead` and `keys` command leaves one audit entry (`outbox-relay audit`): who,
+/// through what, what, on which rows, how many; dry runs leave none.
+#[tokio::test]
+async fn dead_and_keys_actions_are_recorded_in_the_audit_trail() {
+    let db = TestDb::new().await;
+    insert_dead_keyed(&db, 61, "audited", "ka", b"one", 5).await;
+    insert_dead_keyed(&db, 62, "audited", "kb", b"two", 5).await;
+    sqlx::query(
+        "INSERT INTO outbox.parked_keys (key, topic, dead_id, message_id, reason)
+         VALUES ('kp', 'audited', 99, 'mid-99', 'broker said no')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    for args in [
+        &["dead", "retry", "61", "--dry-run"][..],
+        &["dead", "retry", "61"],
+        &["dead", "purge", "62", "--yes"],
+        &["keys", "release", "kp"],
+    ] {
+        let out = Command::new(relay_bin())
+            .args(args)
+            .env("OUTBOX_DATABASE__URL", &db.url)
+            .env("RUST_LOG", "warn")
+            .env("USER", "night-shift")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    }
+    let audit = json(&cli(&db, &["audit", "--json"]));
+    let entries: Vec<(String, i64, serde_json::Value)> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            assert!(
+                e["actor"].as_str().unwrap().starts_with("night-shift@"),
+                "{e}"
+            );
+            assert_eq!(e["via"], "cli");
+            (
+                e["action"].as_str().unwrap().to_string(),
+                e["affected"].as_i64().unwrap(),
+                e["target"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        entries,
+        vec![
+            (
+                "keys.release".into(),
+                1,
+                serde_json::json!({ "keys": ["kp"], "topics": [] })
+            ),
+            ("dead.purge".into(), 1, serde_json::json!({ "ids": [62] })),
+            ("dead.retry".into(), 1, serde_json::json!({ "ids": [61] })),
+        ],
+        "newest first, dry runs not recorded"
+    );
+    let table = stdout(&cli(&db, &["audit"]));
+    assert!(
+        table.contains("dead.purge") && table.contains("night-shift@"),
+        "{table}"
+    );
+}

@@ -138,7 +138,9 @@ BEGIN
       ('ordering_members', 'SELECT, INSERT, UPDATE, DELETE'),  -- ordered-mode membership
       ('partition_leases', 'SELECT, UPDATE'),                  -- slot leases
       ('parked_keys',      'SELECT, INSERT, DELETE'),          -- parked keys, `keys` commands
-      ('claim_floor',      'SELECT, UPDATE')                   -- the claim floor
+      ('claim_floor',      'SELECT, UPDATE'),                  -- the claim floor
+      ('topic_pauses',     'SELECT, INSERT, DELETE'),          -- paused topics, `topics` commands
+      ('admin_audit',      'SELECT, INSERT')                   -- the audit trail of operator actions
   LOOP
     EXECUTE format('GRANT %s ON outbox.%I TO %I', v_privs, v_table, r_relay);
   END LOOP;

@@ -135,6 +135,15 @@ impl Member {
                 Ok(beat) => {
                     failing = false;
                     ctx.metrics.relay_instances.set(beat.live_relays);
+                    let (paused, resumed) = ctx.dispatcher.set_paused(beat.paused);
+                    for topic in &paused {
+                        tracing::warn!(topic = %topic, "topic paused by an operator: not claiming its rows until it is resumed (outbox-relay topics resume)");
+                        ctx.metrics.topic_paused.with_label_values(&[topic]).set(1);
+                    }
+                    for topic in &resumed {
+                        tracing::info!(topic = %topic, "topic resumed: claiming its rows again");
+                        let _ = ctx.metrics.topic_paused.remove_label_values(&[topic]);
+                    }
                     if let Some(slots) = &self.slots {
                         if beat.yielded != last_yielded {
                             if beat.yielded {

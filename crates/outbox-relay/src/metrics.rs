@@ -29,6 +29,8 @@ pub struct Metrics {
     pub unmarked_published_total: IntCounter,
     pub lag_query_duration_seconds: Gauge,
     pub relay_instances: IntGauge,
+    /// 1 per topic an operator paused (`outbox-relay topics pause`); the series goes when resumed.
+    pub topic_paused: IntGaugeVec,
     /// Always 1, labelled with the relay's version: `count by (version) (outbox_build_info)`.
     pub build_info: IntGaugeVec,
     /// The ordering gauges, registered into the same registry.
@@ -152,6 +154,11 @@ impl Metrics {
                 "Relays whose heartbeat in outbox.relays is fresher than cluster.relay_expiry_secs, this one included.",
             ))
             .unwrap(),
+            topic_paused: IntGaugeVec::new(
+                opts("outbox_topic_paused", "1 while an operator has paused the topic: no relay claims its rows."),
+                &["topic"],
+            )
+            .unwrap(),
             build_info: IntGaugeVec::new(
                 opts("outbox_build_info", "Always 1; the labels say which relay build runs."),
                 &["version"],
@@ -182,6 +189,7 @@ impl Metrics {
             Box::new(m.unmarked_published_total.clone()),
             Box::new(m.lag_query_duration_seconds.clone()),
             Box::new(m.relay_instances.clone()),
+            Box::new(m.topic_paused.clone()),
             Box::new(m.build_info.clone()),
             #[cfg(target_os = "linux")]
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),

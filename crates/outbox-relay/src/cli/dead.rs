@@ -234,6 +234,13 @@ pub async fn run(pool: &PgPool, command: DeadCommand, config: &Config) -> anyhow
             };
             let results = sql::retry(&mut conn, &chosen, None).await?;
             let skipped = results.iter().filter(|r| !r.retried).count();
+            super::admin::record(
+                &mut conn,
+                "dead.retry",
+                serde_json::json!({ "ids": chosen.ids }),
+                (results.len() - skipped) as i64,
+            )
+            .await?;
             let hints = route_hints(
                 &router,
                 results
@@ -286,6 +293,13 @@ pub async fn run(pool: &PgPool, command: DeadCommand, config: &Config) -> anyhow
                 confirm_purge(ids.len(), &filter)?;
             }
             let purged = sql::purge_ids(&mut conn, &ids).await?;
+            super::admin::record(
+                &mut conn,
+                "dead.purge",
+                serde_json::json!({ "ids": ids }),
+                purged as i64,
+            )
+            .await?;
             if json {
                 println!("{}", serde_json::json!({ "purged": purged }));
             } else {

@@ -146,6 +146,16 @@ pub async fn run(pool: &PgPool, command: KeysCommand) -> anyhow::Result<()> {
         } => {
             let mut conn = pool.acquire().await?;
             let s = sql::skip(&mut conn, &key, topic.as_deref(), dry_run).await?;
+            if !dry_run {
+                let affected = i64::from(s.dead_lettered.is_some()) + i64::from(s.unparked);
+                super::admin::record(
+                    &mut conn,
+                    "keys.skip",
+                    serde_json::json!({ "key": key, "topic": topic, "dead_lettered": s.dead_lettered }),
+                    affected,
+                )
+                .await?;
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
@@ -227,7 +237,15 @@ async fn release(
         Vec::new()
     } else {
         let names: Vec<String> = matching.iter().map(|p| p.key.clone()).collect();
-        sql::release_keys(&mut conn, &names).await?
+        let released = sql::release_keys(&mut conn, &names).await?;
+        super::admin::record(
+            &mut conn,
+            "keys.release",
+            serde_json::json!({ "keys": released, "topics": topics }),
+            released.len() as i64,
+        )
+        .await?;
+        released
     };
     // Released, or (dry run) would be: those still parked a moment ago.
     let acted: Vec<&sql::ParkedKey> = matching

@@ -1,4 +1,5 @@
-//! The command line: `migrate`, `run`, `status`, `dead`, `keys`, `demo`. Exit codes: 0 success,
+//! The command line: `migrate`, `run`, `status`, `dead`, `keys`, `topics`, `replay`, `audit`,
+//! `demo`. Exit codes: 0 success,
 //! 1 runtime failure, 2 bad usage or bad configuration ([`crate::Error::is_usage`]).
 //!
 //! The command modules below are the binary's: the only code of the crate that prints to
@@ -6,6 +7,7 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+pub mod admin;
 pub mod dead;
 #[cfg(feature = "nats")]
 pub mod demo;
@@ -66,6 +68,23 @@ pub enum Command {
     Keys {
         #[command(subcommand)]
         command: keys::KeysCommand,
+    },
+    /// Pause a topic (no relay claims its rows until it is resumed), resume it, list the paused.
+    Topics {
+        #[command(subcommand)]
+        command: admin::TopicsCommand,
+    },
+    /// Publish sent rows again (kept by relay.retention_secs) as new messages, selected by id
+    /// range, key or time range.
+    Replay(admin::ReplayArgs),
+    /// Who did what and when: every dead, keys, topics and replay action, newest first.
+    Audit {
+        /// At most this many entries.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+        limit: i64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// The main job end to end, in a database and a NATS stream of its own: sample users, three
     /// events per user under its key (each in one transaction with its change), relayed to NATS,
@@ -202,6 +221,21 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             let pool = connect_once(&config).await?;
             crate::store::check_schema(&pool).await?;
             keys::run(&pool, command).await
+        }
+        Command::Topics { command } => {
+            let pool = connect_once(&config).await?;
+            crate::store::check_schema(&pool).await?;
+            admin::topics(&pool, command).await
+        }
+        Command::Replay(args) => {
+            let pool = connect_once(&config).await?;
+            crate::store::check_schema(&pool).await?;
+            admin::replay(&pool, args).await
+        }
+        Command::Audit { limit, json } => {
+            let pool = connect_once(&config).await?;
+            crate::store::check_schema(&pool).await?;
+            admin::audit(&pool, limit, json).await
         }
         #[cfg(feature = "nats")]
         Command::Demo {

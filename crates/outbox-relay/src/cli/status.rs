@@ -17,6 +17,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use super::keys;
+use crate::store::admin::TopicPause;
 use crate::store::cluster::RelayRow;
 use crate::store::{self, TopicLag};
 
@@ -33,6 +34,8 @@ pub struct Status {
     pub live_relays: usize,
     /// Ordering: held-back and parked keys (at most 20 of each).
     pub keys: keys::KeysStatus,
+    /// Topics an operator paused (`outbox-relay topics pause`): no relay claims their rows.
+    pub paused_topics: Vec<TopicPause>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -43,6 +46,8 @@ pub struct TopicStatus {
     /// Rows per second marked delivered by the live relays; `null` when no relay reports.
     pub publish_rate_per_second: Option<f64>,
     pub dead_letters: i64,
+    /// An operator paused the topic: its rows wait until it is resumed.
+    pub paused: bool,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -68,9 +73,35 @@ pub async fn collect(pool: &PgPool) -> Result<Status, sqlx::Error> {
     let lag = store::lag(&mut conn).await?;
     let dead = store::dead_counts(&mut conn).await?;
     let relays = store::cluster::list(&mut conn).await?;
+    let paused = store::admin::paused_topics(&mut conn).await?;
     drop(conn);
     let keys = keys::collect(pool, 20).await?;
-    Ok(assemble(lag, dead, relays, keys))
+    let mut s = assemble(lag, dead, relays, keys);
+    mark_paused(&mut s, paused);
+    Ok(s)
+}
+
+/// Marks the paused topics (a paused topic with nothing waiting is listed too).
+fn mark_paused(s: &mut Status, paused: Vec<TopicPause>) {
+    for p in &paused {
+        match s.topics.iter_mut().find(|t| t.lag.topic == p.topic) {
+            Some(t) => t.paused = true,
+            None => s.topics.push(TopicStatus {
+                lag: TopicLag {
+                    topic: p.topic.clone(),
+                    waiting: 0,
+                    scheduled: 0,
+                    oldest_due_since: None,
+                    oldest_age_seconds: 0.0,
+                },
+                publish_rate_per_second: None,
+                dead_letters: 0,
+                paused: true,
+            }),
+        }
+    }
+    s.topics.sort_by(|a, b| a.lag.topic.cmp(&b.lag.topic));
+    s.paused_topics = paused;
 }
 
 fn assemble(
@@ -109,6 +140,7 @@ fn assemble(
             publish_rate_per_second: (!fresh.is_empty())
                 .then(|| rates.get(name.as_str()).copied().unwrap_or(0.0)),
             dead_letters: dead_of.get(name.as_str()).copied().unwrap_or(0),
+            paused: false,
         });
     }
     let mut sinks: BTreeMap<&str, SinkStatus> = BTreeMap::new();
@@ -144,6 +176,7 @@ fn assemble(
         live_relays: fresh.len(),
         relays,
         keys,
+        paused_topics: Vec::new(),
     }
 }
 
@@ -183,14 +216,19 @@ pub fn render_table(s: &Status) -> String {
             .map(|r| format!("{r:.1}"))
             .unwrap_or_else(|| "-".into());
         out.push_str(&format!(
-            "{:<width$}  {:>10}  {:>10}  {:>10}  {:>10}  {:>8}\n",
+            "{:<width$}  {:>10}  {:>10}  {:>10}  {:>10}  {:>8}{}\n",
             t.lag.topic,
             t.lag.waiting,
             t.lag.scheduled,
             fmt_age(t.lag.oldest_age_seconds),
             rate,
-            t.dead_letters
+            t.dead_letters,
+            if t.paused { "  PAUSED" } else { "" }
         ));
+    }
+    if !s.paused_topics.is_empty() {
+        out.push('\n');
+        out.push_str(&super::admin::render_paused(&s.paused_topics));
     }
     out.push('\n');
     if s.sinks.is_empty() {

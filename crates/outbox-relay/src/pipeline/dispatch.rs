@@ -79,6 +79,8 @@ pub struct Dispatcher {
     metrics: Arc<Metrics>,
     wakeup: Arc<Wakeup>,
     shutdown: CancellationToken,
+    /// Topics an operator paused (`outbox.topic_pauses`, read by the heartbeat).
+    paused: Mutex<BTreeSet<String>>,
 }
 
 impl Dispatcher {
@@ -110,6 +112,7 @@ impl Dispatcher {
             metrics,
             wakeup,
             shutdown,
+            paused: Mutex::new(BTreeSet::new()),
         }))
     }
 
@@ -145,13 +148,33 @@ impl Dispatcher {
         }
     }
 
-    /// Topics routed to sinks whose circuit is open: claims and idle polls skip them.
+    /// Topics routed to sinks whose circuit is open, and paused topics: claims and idle polls
+    /// skip them.
     pub fn excluded_topics(&self) -> Vec<String> {
-        self.sinks
-            .iter()
-            .filter(|s| !s.is_up())
-            .flat_map(|s| lock(&s.blocked_topics).iter().cloned().collect::<Vec<_>>())
-            .collect()
+        let mut excluded: Vec<String> = lock(&self.paused).iter().cloned().collect();
+        excluded.extend(
+            self.sinks
+                .iter()
+                .filter(|s| !s.is_up())
+                .flat_map(|s| lock(&s.blocked_topics).iter().cloned().collect::<Vec<_>>()),
+        );
+        excluded
+    }
+
+    /// Takes the paused topics the heartbeat read; returns the topics newly paused and the
+    /// topics resumed since the last call (for the log and the gauge). A resumed topic wakes
+    /// the workers.
+    pub fn set_paused(&self, topics: Vec<String>) -> (Vec<String>, Vec<String>) {
+        let now: BTreeSet<String> = topics.into_iter().collect();
+        let mut paused = lock(&self.paused);
+        let added = now.difference(&paused).cloned().collect();
+        let removed: Vec<String> = paused.difference(&now).cloned().collect();
+        *paused = now;
+        drop(paused);
+        if !removed.is_empty() {
+            self.wakeup.bump();
+        }
+        (added, removed)
     }
 
     /// Each row's route, resolved once per batch.

@@ -53,6 +53,8 @@ pub struct Beat {
     /// This relay gave its slots up because a sink it cannot reach is up for another live
     /// ordering member: the keys of that sink's topics go to a relay that can publish them.
     pub yielded: bool,
+    /// The topics operators paused (`outbox.topic_pauses`), by name.
+    pub paused: Vec<String>,
 }
 
 /// One heartbeat, in one transaction: upsert this relay's `outbox.relays` row, delete the rows of
@@ -92,6 +94,7 @@ pub async fn heartbeat(
     let live_relays = count_live(&mut tx, expiry).await?;
     let mut beat = Beat {
         live_relays,
+        paused: super::admin::paused_topic_names(&mut tx).await?,
         ..Beat::default()
     };
     if let Some(mut leases) = leases {

@@ -26,6 +26,7 @@ use sqlx::{ConnectOptions, Connection, PgPool};
 
 use crate::config::{DatabaseConfig, SslMode};
 
+pub mod admin;
 pub mod claim;
 pub mod cluster;
 pub mod complete;

@@ -39,6 +39,10 @@ pub const RELAY_TABLES: &[(&str, &[&str])] = &[
     ("outbox.parked_keys", &["SELECT", "INSERT", "DELETE"]),
     // the claim floor
     ("outbox.claim_floor", &["SELECT", "UPDATE"]),
+    // paused topics (read by the heartbeat), `topics pause|resume|list`
+    ("outbox.topic_pauses", &["SELECT", "INSERT", "DELETE"]),
+    // the audit trail of `dead`, `keys`, `topics` and `replay` actions, `audit`
+    ("outbox.admin_audit", &["SELECT", "INSERT"]),
 ];
 
 /// Fails with [`crate::Error::Privileges`] naming every privilege of [`RELAY_TABLES`] (and
