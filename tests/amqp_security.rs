@@ -50,7 +50,7 @@ async fn fixture() -> Option<Fixture> {
     let node = match RabbitNode::start_with(options).await {
         Ok(n) => n,
         Err(e) if RabbitNode::server_bin().is_err() => {
-            println!("SKIPPED: {e}");
+            skip::skipped("a RabbitMQ TLS test", &e.to_string());
             return None;
         }
         Err(e) => panic!("cannot start a RabbitMQ node with a TLS listener: {e}"),

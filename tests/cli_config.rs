@@ -564,4 +564,27 @@ async fn connection_and_schema_errors_name_what_to_fix() {
         )),
         "{stderr}"
     );
+
+    // A schema an older relay migrated: the relay says so instead of failing statement by
+    // statement (or blaming a privilege).
+    let old = TestDb::new().await;
+    sqlx::query("DROP TABLE outbox.admin_audit")
+        .execute(&old.pool)
+        .await
+        .unwrap();
+    for command in [&["status"][..], &["run"]] {
+        let out = run_cli(
+            command,
+            &[
+                ("OUTBOX_DATABASE__URL", &old.url),
+                ("OUTBOX_HTTP__LISTEN", ""),
+            ],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{command:?}: {stderr}");
+        assert!(
+            stderr.contains("predates this relay") && stderr.contains("run `outbox-relay migrate`"),
+            "{command:?}: {stderr}"
+        );
+    }
 }

@@ -404,7 +404,10 @@ async fn dead_retry_and_purge_unpark_the_keys_their_dead_letters_parked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_purge_on_a_terminal_asks_for_the_count() {
     if Command::new("script").arg("--version").output().is_err() {
-        println!("SKIPPED: `script` (util-linux) is not installed, so no pseudo-terminal for the confirmation prompt");
+        skip::skipped(
+            "dead_purge_on_a_terminal_asks_for_the_count",
+            "`script` (util-linux) is not installed, so no pseudo-terminal for the confirmation prompt",
+        );
         return;
     }
     let db = TestDb::new().await;

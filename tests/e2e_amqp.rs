@@ -62,6 +62,13 @@ async fn amqp_delivers_exact_bytes_headers_message_id_and_key() {
     let mut consumer = AmqpConsumer::new(&amqp_url(), &queue).await;
     let got = consumer.collect(3, Duration::from_secs(60)).await;
     assert_eq!(got.len(), 3, "relay stderr:\n{}", relay.stderr());
+    // The start-up log names the broker, what it declares and the routes, once.
+    assert_eq!(
+        outbox_testkit::relay::log_lines(&relay.stderr(), "INFO", &["RabbitMQ sink", "routes="]),
+        1,
+        "{}",
+        relay.stderr()
+    );
     let by_id: BTreeMap<_, _> = got
         .iter()
         .map(|r| (r.message_id.clone().unwrap_or_default(), r))
@@ -344,7 +351,10 @@ async fn amqp_broker_restart_loses_nothing_and_nats_keeps_flowing() {
     let mut node = match RabbitNode::start().await {
         Ok(n) => n,
         Err(e) if RabbitNode::server_bin().is_err() => {
-            eprintln!("SKIPPED amqp_broker_restart_loses_nothing_and_nats_keeps_flowing: {e}");
+            skip::skipped(
+                "amqp_broker_restart_loses_nothing_and_nats_keeps_flowing",
+                &e.to_string(),
+            );
             return;
         }
         Err(e) => panic!("cannot start a RabbitMQ node for this test: {e}"),

@@ -125,6 +125,13 @@ async fn kafka_10k_messages_100_keys_keep_enqueue_order_per_partition() {
     let reader = KafkaReader::new(&broker.brokers(), &[(&topic, 4)]);
     let got = reader.collect(N as usize, Duration::from_secs(180)).await;
     assert_eq!(got.len(), N as usize, "relay stderr:\n{}", relay.stderr());
+    // The start-up log names the brokers and the routes, once.
+    assert_eq!(
+        outbox_testkit::relay::log_lines(&relay.stderr(), "INFO", &["Kafka sink", "routes="]),
+        1,
+        "{}",
+        relay.stderr()
+    );
 
     let mut partition_of: HashMap<String, i32> = HashMap::new();
     let mut last: HashMap<String, i64> = HashMap::new();

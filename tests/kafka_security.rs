@@ -155,7 +155,10 @@ impl TlsListener {
             .stderr(Stdio::null())
             .spawn();
         let Ok(child) = child else {
-            println!("SKIPPED the TLS listener case: the openssl command is not installed");
+            skip::skipped(
+                "kafka_tls_handshake_failures_name_the_setting_to_fix (the TLS listener case)",
+                "the openssl command is not installed",
+            );
             return None;
         };
         let listener = Self { child, port };

@@ -224,3 +224,63 @@ async fn status_watch_json_prints_one_object_per_refresh() {
     child.kill().await.ok();
     consumer.delete_stream().await;
 }
+
+/// A delayed row counts as scheduled until it is due, then as late from when it became due (not
+/// from its enqueue); a retried row is late from its enqueue. The relay exports both in
+/// `outbox_scheduled_messages` and `outbox_oldest_pending_age_seconds`. (The topics are paused
+/// so that the rows stay while they are looked at.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_rows_are_counted_and_age_from_when_they_became_due() {
+    let db = TestDb::new().await;
+    let (stream, prefix) = (unique("SD"), unique("sd"));
+    sqlx::query(
+        "INSERT INTO outbox.topic_pauses (topic, paused_by)
+         VALUES ('due.delayed', 'test'), ('due.retried', 'test')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO outbox.messages (topic, payload, created_at, available_at, attempts) VALUES
+           ('due.delayed', 'later', now() - interval '1 hour', now() + interval '1 hour', 0),
+           ('due.delayed', 'due',   now() - interval '1 hour', now() - interval '10 seconds', 0),
+           ('due.retried', 'retry', now() - interval '1 hour', now() - interval '10 seconds', 1)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let port = free_port();
+    let config = nats_config(
+        &db.url,
+        &nats_url(),
+        &stream,
+        &prefix,
+        "lag_interval_secs = 1",
+    )
+    .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
+    let relay = RelayProcess::start(&config);
+    wait_until(Duration::from_secs(30), "lag exported", || async {
+        http::scrape_metric(port, "outbox_pending_messages", &[("topic", "due.delayed")]).await
+            == 2.0
+    })
+    .await;
+    let body = http::scrape(port).await;
+    let gauge = |name: &str, topic: &str| http::metric(&body, name, &[("topic", topic)]);
+    assert_eq!(
+        gauge("outbox_scheduled_messages", "due.delayed"),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(gauge("outbox_scheduled_messages", "due.retried"), Some(0.0));
+    let delayed_age = gauge("outbox_oldest_pending_age_seconds", "due.delayed").unwrap();
+    assert!(
+        (5.0..1800.0).contains(&delayed_age),
+        "due 10 s ago, enqueued an hour ago: {delayed_age} s; relay stderr:\n{}",
+        relay.stderr()
+    );
+    let retried_age = gauge("outbox_oldest_pending_age_seconds", "due.retried").unwrap();
+    assert!(
+        retried_age >= 3590.0,
+        "a failing message is late from its enqueue: {retried_age} s"
+    );
+}

@@ -352,16 +352,27 @@ async fn a_relay_that_cannot_publish_gives_its_ordering_slots_to_the_others() {
         let key = format!("key-{}", i % 50);
         enqueue(
             &mut tx,
-            &Message::bytes(&topic, i.to_be_bytes().to_vec()).key(key),
+            &Message::bytes(&topic, ordering::payload(&key, i / 50)).key(key),
         )
         .await
         .unwrap();
     }
     tx.commit().await.unwrap();
 
-    // Every key, whichever relay held its slot at first, is published by the healthy relay.
+    // Every key, whichever relay held its slot at first, is published by the healthy relay, in
+    // key order across the hand-over.
     let delivered = good_sink.wait_delivered(200, Duration::from_secs(30)).await;
     assert_eq!(delivered.len(), 200);
+    let mut checker = ordering::OrderChecker::default();
+    for m in &delivered {
+        checker.check(&ordering::Arrival {
+            key: m.key.clone(),
+            message_id: m.message_id.clone(),
+            payload: m.payload.clone(),
+        });
+    }
+    assert!(checker.violations.is_empty(), "{:?}", checker.violations);
+    assert_eq!(checker.delivered, 200, "each message once, in key order");
     wait_until(
         Duration::from_secs(10),
         "the healthy relay holds every slot, the broken one none",

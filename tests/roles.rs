@@ -127,7 +127,10 @@ impl Roles {
             relay_login,
         };
         let Some(out) = run_roles_script(&db.url, &roles.enqueue, &roles.relay) else {
-            println!("SKIPPED: psql is not installed (apt-get install postgresql-client); it runs deploy/sql/roles.sql");
+            skip::skipped(
+                "a roles test",
+                "psql is not installed (apt-get install postgresql-client); it runs deploy/sql/roles.sql",
+            );
             return None;
         };
         // From here on the roles exist: dropped with `roles`, also when an assertion fails.
@@ -411,6 +414,31 @@ async fn the_relay_role_relays_end_to_end_and_may_not_change_the_schema() {
     assert!(text(&dead).contains("r.sp ace"), "{}", text(&dead));
     let keys = cli(&["keys", "list"]);
     assert!(keys.status.success(), "keys list:\n{}", text(&keys));
+    for args in [
+        &["dead", "retry", "--topic", "r.sp ace", "--dry-run"][..],
+        &["dead", "purge", "--topic", "r.sp ace", "--dry-run"],
+        &[
+            "topics",
+            "pause",
+            "r.paused",
+            "--reason",
+            "as the relay role",
+        ],
+        &["topics", "list"],
+        &["topics", "resume", "r.paused"],
+        &[
+            "replay",
+            "--from-id",
+            "1",
+            "--to-id",
+            "1000000",
+            "--dry-run",
+        ],
+        &["audit"],
+    ] {
+        let out = cli(args);
+        assert!(out.status.success(), "{args:?}:\n{}", text(&out));
+    }
 
     // No DDL.
     let relay_pool = Roles::pool(&relay_url).await;
@@ -668,8 +696,9 @@ async fn a_plain_owner_role_migrates_and_runs_the_script() {
     assert!(text(&again).contains("is up to date"), "{}", text(&again));
 
     let Some(out) = run_roles_script(&owner_url, &enqueue, &relay) else {
-        println!(
-            "SKIPPED (the script part): psql is not installed (apt-get install postgresql-client)"
+        skip::skipped(
+            "a_plain_owner_role_migrates_and_runs_the_script (the script part)",
+            "psql is not installed (apt-get install postgresql-client)",
         );
         return;
     };

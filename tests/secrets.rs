@@ -162,6 +162,10 @@ routes = [{{ topics = ["*"], subject = "{prefix}.{{topic}}" }}]
             &["run", "--help"],
             &["status", "--help"],
             &["dead", "--help"],
+            &["keys", "--help"],
+            &["topics", "--help"],
+            &["replay", "--help"],
+            &["audit", "--help"],
         ] {
             transcript.command(&format!("{way}: {help:?}"), &cli(help, &env), 0);
         }
@@ -173,6 +177,20 @@ routes = [{{ topics = ["*"], subject = "{prefix}.{{topic}}" }}]
             &["dead", "list", "--json"],
             &["keys", "list"],
             &["keys", "list", "--json"],
+            &["dead", "retry", "--topic", "none", "--dry-run"],
+            &["dead", "purge", "--topic", "none", "--dry-run"],
+            &[
+                "topics",
+                "pause",
+                "secrets.t",
+                "--reason",
+                "checking the output",
+            ],
+            &["topics", "list"],
+            &["topics", "resume", "secrets.t"],
+            &["replay", "--from-id", "1", "--to-id", "10", "--dry-run"],
+            &["audit"],
+            &["audit", "--json"],
         ] {
             transcript.command(&format!("{way}: {args:?}"), &cli(args, &env), 0);
         }

@@ -104,9 +104,12 @@ fn run(cmd: &mut Command) -> Option<String> {
             Some(String::from_utf8_lossy(&out.stdout).into_owned())
         }
         Err(e) => {
-            println!(
-                "SKIPPED: cannot run {:?} ({e}): install the PostgreSQL client (Debian: apt-get install postgresql-client) or run scripts/test",
-                cmd.get_program()
+            skip::skipped(
+                "an SQL example",
+                &format!(
+                    "cannot run {:?} ({e}): install the PostgreSQL client (Debian: apt-get install postgresql-client) or run scripts/test",
+                    cmd.get_program()
+                ),
             );
             None
         }
@@ -148,7 +151,10 @@ async fn python_psycopg_example_enqueues() {
         .args(["-c", "import psycopg"])
         .output();
     if !matches!(&probe, Ok(o) if o.status.success()) {
-        println!("SKIPPED: python3 with psycopg is not installed (pip install 'psycopg[binary]', or run scripts/test)");
+        skip::skipped(
+            "python_psycopg_example_enqueues",
+            "python3 with psycopg is not installed (pip install 'psycopg[binary]', or run scripts/test)",
+        );
         return;
     }
     let db = TestDb::new().await;
@@ -165,8 +171,9 @@ async fn python_psycopg_example_enqueues() {
 async fn node_pg_example_enqueues() {
     let probe = Command::new("node").args(["-e", "require('pg')"]).output();
     if !matches!(&probe, Ok(o) if o.status.success()) {
-        println!(
-            "SKIPPED: node with the pg package is not available (npm install pg and set NODE_PATH, or run scripts/test)"
+        skip::skipped(
+            "node_pg_example_enqueues",
+            "node with the pg package is not available (npm install pg and set NODE_PATH, or run scripts/test)",
         );
         return;
     }

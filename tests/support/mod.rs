@@ -14,7 +14,7 @@ pub use outbox_testkit::nats::*;
 pub use outbox_testkit::pg::{claimable, database_url, wait_for_open_claim, OwnedPostgres, TestDb};
 pub use outbox_testkit::relay::RelayProcess;
 pub use outbox_testkit::wait::*;
-pub use outbox_testkit::{amqp, http, kafka, nats, observability, ordering, pg, relay, wait};
+pub use outbox_testkit::{amqp, http, kafka, nats, observability, ordering, pg, relay, skip, wait};
 
 /// The `outbox-relay` binary Cargo built for these tests.
 pub fn relay_bin() -> PathBuf {

@@ -14,6 +14,8 @@
 //!    in the same database for `--hold-secs` after a baseline, then `--hold-after-secs`.
 //! 8. `deadrows`: the claim's time with `--dead-rows` deleted rows behind the live ones while a
 //!    transaction holds the xmin horizon, with and without the claim floor.
+//! 9. `admin` (only when named): the admin's overview and message searches with `--admin-rows`
+//!    waiting rows.
 //!
 //! See docs/benchmarks.md for the method and the results on the reference machine.
 
@@ -46,6 +48,7 @@ pub enum Scenario {
     Steady,
     Heldxmin,
     Deadrows,
+    Admin,
 }
 
 #[derive(Debug, Parser)]
@@ -160,6 +163,9 @@ pub struct Cli {
     /// [default: 0,500000,1500000,5000000; quick: 0,100000,300000].
     #[arg(long, value_delimiter = ',')]
     dead_rows: Vec<u64>,
+    /// Waiting rows of the `admin` scenario [default: 10000000; quick: 200000].
+    #[arg(long)]
+    admin_rows: Option<u64>,
     /// PostgreSQL server; each benchmark creates (and drops) its own database there.
     #[arg(
         long,
@@ -278,6 +284,9 @@ fn resolve(cli: &Cli) -> anyhow::Result<Opts> {
         hold_secs: pick(cli.hold_secs, 900.0, 60.0),
         hold_after_secs: pick(cli.hold_after_secs, 120.0, 60.0),
         steady_autovacuum: cli.steady_autovacuum.clone(),
+        admin_rows: cli
+            .admin_rows
+            .unwrap_or(if q { 200_000 } else { 10_000_000 }),
         launcher: RelayLauncher::new(cli.relay_bin.clone(), batch_size, workers, log_dir)?,
     };
     anyhow::ensure!(o.messages > 0, "--messages must be above 0");
@@ -530,6 +539,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             o.dead_rows
         );
         r.dead_rows = Some(scenarios::storage::dead_rows(&o, &o.dead_rows).await?);
+    }
+
+    if wants(Scenario::Admin) {
+        eprintln!(
+            "admin: the overview and searches with {} waiting rows",
+            o.admin_rows
+        );
+        r.admin = Some(scenarios::admin::admin(&o, o.admin_rows).await?);
     }
 
     r.finish();

@@ -98,11 +98,13 @@ impl RelayLauncher {
         sinks: &[(String, SinkConfig)],
         ordering: bool,
     ) -> anyhow::Result<RelayProcess> {
+        self.start_with_config(name, &self.config_toml(database_url, sinks, ordering)?)
+    }
+
+    /// Starts one relay process with `config` (TOML) as its configuration file.
+    pub fn start_with_config(&self, name: &str, config: &str) -> anyhow::Result<RelayProcess> {
         let config_path = self.log_dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &config_path,
-            self.config_toml(database_url, sinks, ordering)?,
-        )?;
+        std::fs::write(&config_path, config)?;
         let stderr_path = self.log_dir.join(format!("{name}.log"));
         let stderr = std::fs::File::create(&stderr_path)?;
         let mut cmd = match &self.binary {

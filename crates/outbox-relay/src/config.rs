@@ -96,6 +96,8 @@ pub struct Config {
     pub ordering: OrderingConfig,
     /// How the relays of one database find each other: heartbeats and slot leases.
     pub cluster: ClusterConfig,
+    /// The web admin and its JSON API on the HTTP server (docs/admin.md); off by default.
+    pub admin: AdminConfig,
     /// Deprecated keys found while loading, each with its replacement (logged at start).
     #[serde(skip)]
     pub deprecations: Vec<String>,
@@ -440,6 +442,160 @@ impl HttpConfig {
     }
 }
 
+/// `[admin]`: the web admin and its JSON API, served by the HTTP server (`http.listen`) under
+/// `path_prefix`, with accounts of its own (docs/admin.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Serve the admin. Off by default: it shows payloads and can change what the relay does.
+    pub enabled: bool,
+    /// Where the admin lives on the HTTP server, e.g. `/admin` (behind a reverse proxy that
+    /// forwards `https://ops.example.com/outbox/…`, set the proxy's prefix: `/outbox`).
+    pub path_prefix: String,
+    /// Who may use it: each account signs in with a password (HTTP basic auth, for people) or
+    /// a bearer token (scripts), and has the `read` or the `admin` role.
+    pub users: Vec<AdminUser>,
+    /// How often the overview's lag chart is sampled; one hour of samples is kept in memory.
+    pub lag_sample_secs: u64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            path_prefix: "/admin".into(),
+            users: Vec::new(),
+            lag_sample_secs: 10,
+        }
+    }
+}
+
+/// One admin account (`[[admin.users]]`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminUser {
+    /// The name shown in the audit trail; the basic-auth user name.
+    pub name: String,
+    /// `read`: every page and query. `admin`: also the actions (retry, purge, release, skip,
+    /// pause, resume, replay).
+    pub role: AdminRole,
+    /// The basic-auth password (at least 12 characters). Prefer `password_file`.
+    pub password: Secret,
+    pub password_file: Option<PathBuf>,
+    /// A bearer token for scripts (at least 16 characters). Prefer `token_file`.
+    pub token: Secret,
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminRole {
+    #[default]
+    Read,
+    Admin,
+}
+
+impl AdminConfig {
+    pub const MIN_PASSWORD_LEN: usize = 12;
+
+    /// Reads every account's password and token files; returns warnings about the files.
+    fn resolve_secret_files(&mut self) -> Result<Vec<String>, Error> {
+        let mut warnings = Vec::new();
+        for (i, user) in self.users.iter_mut().enumerate() {
+            let key = format!("admin.users[{i}]");
+            warnings.extend(resolve_secret_file(
+                &format!("{key}.password"),
+                &mut user.password,
+                user.password_file.as_deref(),
+            )?);
+            warnings.extend(resolve_secret_file(
+                &format!("{key}.token"),
+                &mut user.token,
+                user.token_file.as_deref(),
+            )?);
+        }
+        Ok(warnings)
+    }
+
+    pub fn sample_interval(&self) -> Duration {
+        Duration::from_secs(self.lag_sample_secs.max(1))
+    }
+
+    fn problems(&self, http: &HttpConfig) -> Vec<String> {
+        let mut problems = Vec::new();
+        if !self.enabled {
+            return problems;
+        }
+        if http.listen.is_empty() {
+            problems.push(
+                "admin.enabled is true but http.listen is empty: the admin is served by the HTTP server, so set http.listen".into(),
+            );
+        }
+        let p = &self.path_prefix;
+        if !p.starts_with('/') || (p.len() > 1 && p.ends_with('/')) || p.contains("//") || p == "/"
+        {
+            problems.push(format!(
+                "admin.path_prefix must start with / and not end with one, e.g. \"/admin\"; got {p:?}"
+            ));
+        }
+        for reserved in ["/metrics", "/healthz", "/readyz"] {
+            if p == reserved {
+                problems.push(format!(
+                    "admin.path_prefix {p:?} is taken by the relay's own endpoint: choose another, e.g. \"/admin\""
+                ));
+            }
+        }
+        if self.users.is_empty() {
+            problems.push(
+                "admin.enabled is true but admin.users is empty: add an account ([[admin.users]] with name, role and password_file or token_file)".into(),
+            );
+        }
+        if self.lag_sample_secs == 0 {
+            problems.push("admin.lag_sample_secs must be at least 1".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, u) in self.users.iter().enumerate() {
+            let key = format!("admin.users[{i}]");
+            if u.name.is_empty() || u.name.contains(':') || u.name.chars().any(char::is_control) {
+                problems.push(format!(
+                    "{key}.name must be a non-empty name without ':' (it is the basic-auth user name), got {:?}",
+                    u.name
+                ));
+            } else if !names.insert(u.name.as_str()) {
+                problems.push(format!(
+                    "{key}.name {:?} is used twice: account names must be unique",
+                    u.name
+                ));
+            }
+            if u.password.is_empty() && u.token.is_empty() {
+                problems.push(format!(
+                    "{key} ({:?}) has neither a password nor a token: set password_file (people) or token_file (scripts)",
+                    u.name
+                ));
+            }
+            let password = u.password.expose();
+            if !password.is_empty() && password.chars().count() < Self::MIN_PASSWORD_LEN {
+                problems.push(format!(
+                    "{key}.password is {} characters long: use at least {}",
+                    password.chars().count(),
+                    Self::MIN_PASSWORD_LEN
+                ));
+            }
+            let token = u.token.expose();
+            if !token.is_empty()
+                && (token.chars().count() < HttpConfig::MIN_TOKEN_LEN
+                    || token.chars().any(|c| !c.is_ascii_graphic()))
+            {
+                problems.push(format!(
+                    "{key}.token must be at least {} visible ASCII characters (e.g. `openssl rand -hex 32`)",
+                    HttpConfig::MIN_TOKEN_LEN
+                ));
+            }
+        }
+        problems
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -555,6 +711,7 @@ impl Config {
         };
         warnings.extend(config.database.resolve_password_file()?);
         warnings.extend(config.http.resolve_token_file()?);
+        warnings.extend(config.admin.resolve_secret_files()?);
         if config.database.ssl_mode().as_deref() == Some("verify-ca") {
             // sqlx 0.8's verify-ca check does not recognise the name-mismatch error of the
             // rustls it builds with, so the host name is checked as in verify-full.
@@ -714,6 +871,7 @@ impl Config {
             ));
         }
         problems.extend(self.http.problems());
+        problems.extend(self.admin.problems(&self.http));
         if !self.http.listen.is_empty() && self.http.listen.parse::<SocketAddr>().is_err() {
             problems.push(format!(
                 "http.listen must be an address like 127.0.0.1:9187 (or empty to disable), got {:?}",
@@ -1190,6 +1348,15 @@ mod tests {
         c.apply_default_sink();
         c.validate().unwrap();
         assert!(c.sinks.contains_key("nats"));
+    }
+
+    #[test]
+    fn the_http_server_listens_on_loopback_unless_configured() {
+        let listen: std::net::SocketAddr = Config::default().http.listen.parse().unwrap();
+        assert!(
+            listen.ip().is_loopback(),
+            "metrics, readiness and status details stay on the machine by default: {listen}"
+        );
     }
 
     #[test]

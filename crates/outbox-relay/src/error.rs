@@ -34,6 +34,9 @@ pub enum Error {
     /// The database has no outbox schema.
     #[error("the outbox schema is missing in database {database:?}: run `outbox-relay migrate` first (or check database.url)")]
     SchemaMissing { database: String },
+    /// The outbox schema predates this relay: a migration it needs is not applied.
+    #[error("the outbox schema in database {database:?} predates this relay ({missing} is missing): run `outbox-relay migrate` (or apply the newer files of migrations/ with your migration tool)")]
+    SchemaOutdated { database: String, missing: String },
     /// The HTTP listener could not be bound.
     #[error(
         "cannot listen on http.listen = {addr}: {source}; pick a free address or set it empty"
@@ -65,6 +68,7 @@ impl Error {
             Error::Database(_) => "database",
             Error::Migrate(_) => "migrate",
             Error::SchemaMissing { .. } => "schema_missing",
+            Error::SchemaOutdated { .. } => "schema_outdated",
             Error::Listen { .. } => "listen",
             Error::Sink { .. } => "sink",
             Error::Privileges { .. } => "privileges",

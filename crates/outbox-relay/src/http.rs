@@ -168,13 +168,15 @@ fn server_config(cert_file: &Path, key_file: &Path) -> crate::Result<Arc<rustls:
     Ok(Arc::new(config))
 }
 
-/// Serves on `listener` until `shutdown` fires.
+/// Serves on `listener` until `shutdown` fires; with `admin`, also the admin's routes under its
+/// path prefix (behind the admin's own accounts, not `http.token`).
 pub async fn serve(
     listener: Listener,
     state: Arc<HttpState>,
+    admin: Option<(String, Router)>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = Router::new()
+    let mut app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -183,14 +185,19 @@ pub async fn serve(
             authorize,
         ))
         .with_state(state);
+    let mut paths = "/metrics, /healthz, /readyz".to_string();
+    if let Some((prefix, admin)) = admin {
+        paths += &format!(", the admin at {prefix}");
+        app = app.nest(&prefix, admin);
+    }
     let addr = listener.tcp.local_addr()?;
     let Some(tls) = listener.tls else {
-        tracing::info!(%addr, "HTTP server listening (/metrics, /healthz, /readyz)");
+        tracing::info!(%addr, "HTTP server listening ({paths})");
         return axum::serve(listener.tcp, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;
     };
-    tracing::info!(%addr, "HTTPS server listening (/metrics, /healthz, /readyz)");
+    tracing::info!(%addr, "HTTPS server listening ({paths})");
     let handle = axum_server::Handle::new();
     tokio::spawn({
         let (handle, shutdown) = (handle.clone(), shutdown.clone());

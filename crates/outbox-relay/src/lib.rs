@@ -20,6 +20,7 @@
 // Only the binary's command modules (`cli/`) print.
 #![warn(clippy::print_stdout, clippy::print_stderr)]
 
+pub mod admin;
 pub mod cli;
 pub mod cluster;
 pub mod config;
@@ -28,6 +29,7 @@ pub mod http;
 pub mod maintenance;
 pub mod message;
 pub mod metrics;
+pub mod overview;
 pub mod pipeline;
 pub mod redact;
 pub mod relay;

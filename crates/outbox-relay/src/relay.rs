@@ -58,13 +58,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> crate::Result<(
     }
     let metrics = Arc::new(Metrics::new());
     let http_state = HttpState::new(Arc::clone(&metrics));
+    let admin = config
+        .admin
+        .enabled
+        .then(|| crate::admin::AdminState::new(&config.admin));
     let http_task = if config.http.listen.is_empty() {
         None
     } else {
         let listener = http::bind(&config.http).await?;
+        let admin_routes = admin.as_ref().map(|a| {
+            (
+                config.admin.path_prefix.clone(),
+                crate::admin::router(Arc::clone(a)),
+            )
+        });
         Some(tokio::spawn(http::serve(
             listener,
             Arc::clone(&http_state),
+            admin_routes,
             shutdown.clone(),
         )))
     };
@@ -94,6 +105,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> crate::Result<(
             }
             let relay = Relay::build(&config, pool.clone(), metrics, shutdown.clone()).await?;
             http_state.set_running(pool.clone(), Arc::clone(&relay.dispatcher));
+            if let Some(admin) = &admin {
+                admin.set_running(pool.clone(), shutdown.clone());
+            }
             relay.run().await;
             Ok(())
         }

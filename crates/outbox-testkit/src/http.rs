@@ -51,7 +51,27 @@ pub async fn get_with(
         .await
         .ok()?
         .ok()?;
-    exchange(stream, &addr, path, headers).await.ok()
+    exchange(stream, &addr, "GET", path, headers, "").await.ok()
+}
+
+/// Any request with a body (sent with its `Content-Length`); `None` when the server cannot be
+/// reached or does not answer.
+pub async fn request(
+    addr: impl Endpoint,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Option<(u16, String)> {
+    let addr = addr.host_port();
+    let connect = tokio::net::TcpStream::connect(addr.as_str());
+    let stream = tokio::time::timeout(Duration::from_secs(10), connect)
+        .await
+        .ok()?
+        .ok()?;
+    exchange(stream, &addr, method, path, headers, body)
+        .await
+        .ok()
 }
 
 /// [`get_with`] over TLS, trusting only the CA certificate in the PEM file `ca` and checking the
@@ -95,24 +115,30 @@ pub async fn get_tls(
         .await
         .map_err(|_| "TLS handshake: timed out".to_string())?
         .map_err(|e| format!("TLS handshake: {e}"))?;
-    exchange(stream, &addr, path, headers).await
+    exchange(stream, &addr, "GET", path, headers, "").await
 }
 
 /// One request on `stream` and its whole answer (HTTP/1.0: the server closes when done).
 async fn exchange<S>(
     mut stream: S,
     host: &str,
+    method: &str,
     path: &str,
     headers: &[(&str, &str)],
+    body: &str,
 ) -> Result<(u16, String), String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let mut request = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n");
+    let mut request = format!("{method} {path} HTTP/1.0\r\nHost: {host}\r\n");
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }
+    if !body.is_empty() || method != "GET" {
+        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
     request.push_str("\r\n");
+    request.push_str(body);
     stream
         .write_all(request.as_bytes())
         .await

@@ -96,7 +96,10 @@ impl TansuBroker {
             if std::env::var("REQUIRE_TANSU").is_ok_and(|v| v == "1") {
                 panic!("tansu not installed but REQUIRE_TANSU=1: run .ci/kafka-deps.sh");
             }
-            println!("SKIPPED: tansu not installed (run .ci/kafka-deps.sh)");
+            crate::skip::skipped(
+                "a Kafka test",
+                "tansu is not installed (run .ci/kafka-deps.sh, or scripts/test install)",
+            );
             return None;
         }
         Some(

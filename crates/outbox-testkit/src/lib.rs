@@ -20,6 +20,7 @@
 //! - [`tls`]: a private CA per test and the certificates it issues (good, expired, wrong host).
 
 pub mod amqp;
+pub mod browser;
 pub mod http;
 pub mod kafka;
 pub mod names;
@@ -28,5 +29,6 @@ pub mod observability;
 pub mod ordering;
 pub mod pg;
 pub mod relay;
+pub mod skip;
 pub mod tls;
 pub mod wait;

@@ -42,9 +42,12 @@ pub fn require_tool(name: &str, env: &str, test: &str) -> Option<PathBuf> {
             panic!("{name} is not installed; CI must run .ci/observability-deps.sh (Debian package `prometheus`)")
         }
         None => {
-            eprintln!(
-                "SKIPPED {test}: `{name}` is not on PATH. Install it with .ci/observability-deps.sh \
-                 (Debian package `prometheus`) or set {env}."
+            crate::skip::skipped(
+                test,
+                &format!(
+                    "`{name}` is not on PATH. Install it with .ci/observability-deps.sh \
+                     (Debian package `prometheus`) or set {env}."
+                ),
             );
             None
         }

@@ -1,6 +1,7 @@
 //! The benchmark scenarios. Each one creates its own database (and its own broker
 //! destinations), measures, and removes what it created, whether it succeeded or not.
 
+pub mod admin;
 pub mod enqueue;
 pub mod latency;
 pub mod storage;
@@ -45,6 +46,8 @@ pub struct Opts {
     pub hold_after_secs: f64,
     /// The steady state's autovacuum settings to run (on, off).
     pub steady_autovacuum: Vec<String>,
+    /// Waiting rows of the `admin` scenario.
+    pub admin_rows: u64,
     pub launcher: RelayLauncher,
 }
 

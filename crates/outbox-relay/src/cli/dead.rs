@@ -12,6 +12,7 @@
 //! configuration does not route prints a hint: the relays would dead-letter it again at once.
 //! The SQL is in [`crate::store::dead`]; this module parses, confirms and prints.
 
+pub use crate::message::hex_dump;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, IsTerminal, Write};
@@ -472,35 +473,6 @@ pub fn render_list(rows: &[DeadSummary], total: i64) -> String {
         );
     } else {
         let _ = writeln!(out, "({total} dead letter(s))");
-    }
-    out
-}
-
-/// `xxd`-style dump: offset, 16 bytes in hex, printable ASCII.
-pub fn hex_dump(bytes: &[u8]) -> String {
-    let mut out = String::new();
-    for (i, chunk) in bytes.chunks(16).enumerate() {
-        let _ = write!(out, "{:08x}  ", i * 16);
-        for j in 0..16 {
-            match chunk.get(j) {
-                Some(b) => {
-                    let _ = write!(out, "{b:02x} ");
-                }
-                None => out.push_str("   "),
-            }
-            if j == 7 {
-                out.push(' ');
-            }
-        }
-        out.push_str(" |");
-        out.extend(chunk.iter().map(|&b| {
-            if b.is_ascii_graphic() || b == b' ' {
-                b as char
-            } else {
-                '.'
-            }
-        }));
-        out.push_str("|\n");
     }
     out
 }

@@ -13,6 +13,7 @@
 use clap::Subcommand;
 use sqlx::PgPool;
 
+pub use crate::overview::{collect_keys as collect, KeysStatus};
 use crate::store::keys as sql;
 
 #[derive(Debug, Subcommand)]
@@ -59,21 +60,6 @@ pub enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
-}
-
-/// The ordering part of `status`.
-#[derive(Debug, serde::Serialize)]
-pub struct KeysStatus {
-    pub held_back: Vec<sql::HeldKey>,
-    pub parked: Vec<sql::ParkedKey>,
-}
-
-pub async fn collect(pool: &PgPool, limit: i64) -> Result<KeysStatus, sqlx::Error> {
-    let mut conn = pool.acquire().await?;
-    Ok(KeysStatus {
-        held_back: sql::held_keys(&mut conn, limit).await?,
-        parked: sql::parked_keys(&mut conn, limit).await?,
-    })
 }
 
 pub fn render_table(s: &KeysStatus) -> String {

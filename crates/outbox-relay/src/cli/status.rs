@@ -2,183 +2,17 @@
 //! dead letters), the health of every sink and the live relays, as a table or JSON; with
 //! `--watch`, a live view refreshed every second (JSON: one object per line).
 //!
-//! Everything comes from the database, so `status` works from any machine that reaches it and
-//! sees every relay at once: the lag from [`store::lag`] (no table scan), dead letters from
-//! `outbox.dead_letters`, and sink health and publish rates from the heartbeat rows the relays
-//! write into `outbox.relays` ([`crate::cluster`]). A sink is shown `up` when every relay with
-//! a fresh heartbeat reports it up; the publish rate of a topic is the sum of the rates those
-//! relays measured over their last heartbeat interval (`cluster.heartbeat_ms`).
+//! What it shows is read by [`crate::overview`] (which the admin's overview shares): everything
+//! comes from the database, so `status` works from any machine that reaches it and sees every
+//! relay at once. This module renders it.
 
-use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use super::keys;
-use crate::store::admin::TopicPause;
-use crate::store::cluster::RelayRow;
-use crate::store::{self, TopicLag};
-
-#[derive(Debug, serde::Serialize)]
-pub struct Status {
-    /// When the sample was taken (local clock).
-    pub at: DateTime<Utc>,
-    pub topics: Vec<TopicStatus>,
-    pub dead_letters: Vec<DeadCount>,
-    pub sinks: Vec<SinkStatus>,
-    /// Every row of `outbox.relays`, fresh or not.
-    pub relays: Vec<RelayRow>,
-    /// Relays whose heartbeat is fresh (at most three intervals old).
-    pub live_relays: usize,
-    /// Ordering: held-back and parked keys (at most 20 of each).
-    pub keys: keys::KeysStatus,
-    /// Topics an operator paused (`outbox-relay topics pause`): no relay claims their rows.
-    pub paused_topics: Vec<TopicPause>,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct TopicStatus {
-    /// `topic`, `waiting`, `scheduled`, `oldest_due_since`, `oldest_age_seconds`.
-    #[serde(flatten)]
-    pub lag: TopicLag,
-    /// Rows per second marked delivered by the live relays; `null` when no relay reports.
-    pub publish_rate_per_second: Option<f64>,
-    pub dead_letters: i64,
-    /// An operator paused the topic: its rows wait until it is resumed.
-    pub paused: bool,
-}
-
-#[derive(Debug, serde::Serialize)]
-pub struct DeadCount {
-    pub topic: String,
-    pub count: i64,
-}
-
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct SinkStatus {
-    pub sink: String,
-    pub kind: String,
-    /// Every live relay reports the sink reachable.
-    pub up: bool,
-    pub relays_up: usize,
-    pub relays_reporting: usize,
-    /// The error of a relay that reports the sink down.
-    pub error: Option<String>,
-}
-
-pub async fn collect(pool: &PgPool) -> Result<Status, sqlx::Error> {
-    let mut conn = pool.acquire().await?;
-    let lag = store::lag(&mut conn).await?;
-    let dead = store::dead_counts(&mut conn).await?;
-    let relays = store::cluster::list(&mut conn).await?;
-    let paused = store::admin::paused_topics(&mut conn).await?;
-    drop(conn);
-    let keys = keys::collect(pool, 20).await?;
-    let mut s = assemble(lag, dead, relays, keys);
-    mark_paused(&mut s, paused);
-    Ok(s)
-}
-
-/// Marks the paused topics (a paused topic with nothing waiting is listed too).
-fn mark_paused(s: &mut Status, paused: Vec<TopicPause>) {
-    for p in &paused {
-        match s.topics.iter_mut().find(|t| t.lag.topic == p.topic) {
-            Some(t) => t.paused = true,
-            None => s.topics.push(TopicStatus {
-                lag: TopicLag {
-                    topic: p.topic.clone(),
-                    waiting: 0,
-                    scheduled: 0,
-                    oldest_due_since: None,
-                    oldest_age_seconds: 0.0,
-                },
-                publish_rate_per_second: None,
-                dead_letters: 0,
-                paused: true,
-            }),
-        }
-    }
-    s.topics.sort_by(|a, b| a.lag.topic.cmp(&b.lag.topic));
-    s.paused_topics = paused;
-}
-
-fn assemble(
-    lag: Vec<TopicLag>,
-    dead: Vec<(String, i64)>,
-    relays: Vec<RelayRow>,
-    keys: keys::KeysStatus,
-) -> Status {
-    let fresh: Vec<&RelayRow> = relays.iter().filter(|r| r.is_fresh()).collect();
-    let mut rates: BTreeMap<&str, f64> = BTreeMap::new();
-    for r in &fresh {
-        for (topic, rate) in &r.publish_rates {
-            *rates.entry(topic.as_str()).or_default() += rate;
-        }
-    }
-    let dead_of: BTreeMap<&str, i64> = dead.iter().map(|(t, n)| (t.as_str(), *n)).collect();
-    let mut topics: BTreeMap<String, TopicStatus> = BTreeMap::new();
-    let names = lag
-        .iter()
-        .map(|l| l.topic.clone())
-        .chain(dead.iter().map(|(t, _)| t.clone()))
-        .chain(rates.keys().map(|t| t.to_string()));
-    for name in names {
-        topics.entry(name.clone()).or_insert_with(|| TopicStatus {
-            lag: lag
-                .iter()
-                .find(|l| l.topic == name)
-                .cloned()
-                .unwrap_or(TopicLag {
-                    topic: name.clone(),
-                    waiting: 0,
-                    scheduled: 0,
-                    oldest_due_since: None,
-                    oldest_age_seconds: 0.0,
-                }),
-            publish_rate_per_second: (!fresh.is_empty())
-                .then(|| rates.get(name.as_str()).copied().unwrap_or(0.0)),
-            dead_letters: dead_of.get(name.as_str()).copied().unwrap_or(0),
-            paused: false,
-        });
-    }
-    let mut sinks: BTreeMap<&str, SinkStatus> = BTreeMap::new();
-    for r in &fresh {
-        for s in &r.sinks {
-            let e = sinks.entry(s.sink.as_str()).or_insert_with(|| SinkStatus {
-                sink: s.sink.clone(),
-                kind: s.kind.clone(),
-                up: true,
-                relays_up: 0,
-                relays_reporting: 0,
-                error: None,
-            });
-            e.relays_reporting += 1;
-            if s.up {
-                e.relays_up += 1;
-            } else {
-                e.up = false;
-                if e.error.is_none() {
-                    e.error = s.error.clone();
-                }
-            }
-        }
-    }
-    Status {
-        at: Utc::now(),
-        topics: topics.into_values().collect(),
-        dead_letters: dead
-            .into_iter()
-            .map(|(topic, count)| DeadCount { topic, count })
-            .collect(),
-        sinks: sinks.into_values().collect(),
-        live_relays: fresh.len(),
-        relays,
-        keys,
-        paused_topics: Vec::new(),
-    }
-}
+pub use crate::overview::{collect, DeadCount, SinkStatus, Status, TopicStatus};
 
 fn fmt_age(secs: f64) -> String {
     if secs < 60.0 {
@@ -324,11 +158,17 @@ pub async fn watch(pool: &PgPool, json: bool, interval: Duration) -> anyhow::Res
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::store::cluster::SinkHealth;
+    use std::collections::BTreeMap;
 
-    fn no_keys() -> keys::KeysStatus {
-        keys::KeysStatus {
+    use chrono::Utc;
+
+    use super::*;
+    use crate::overview::{assemble, KeysStatus};
+    use crate::store::cluster::{RelayRow, SinkHealth};
+    use crate::store::TopicLag;
+
+    fn no_keys() -> KeysStatus {
+        KeysStatus {
             held_back: vec![],
             parked: vec![],
         }

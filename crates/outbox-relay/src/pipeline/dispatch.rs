@@ -66,6 +66,19 @@ impl SinkHandle {
     }
 }
 
+/// Builds every sink at once, in the order given. Each build gives its broker a moment for the
+/// first connection (so that a healthy broker is not reported down at start); one after the
+/// other, those moments would add up while a broker is down, and the relay's heartbeat and
+/// `status` would wait for their sum.
+async fn build_all<I, F, Fut, T>(items: I, build: F) -> Vec<T>
+where
+    I: IntoIterator,
+    F: Fn(I::Item) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    join_all(items.into_iter().map(build)).await
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -92,17 +105,18 @@ impl Dispatcher {
         shutdown: CancellationToken,
     ) -> crate::Result<Arc<Self>> {
         let router = Router::new(&config.sinks).map_err(crate::Error::Config)?;
+        let built = build_all(config.sinks.iter(), |(name, sink_config)| async move {
+            (name.clone(), sink_config.build(name).await)
+        })
+        .await;
         let mut sinks = Vec::new();
-        for (name, sink_config) in &config.sinks {
-            let sink = sink_config
-                .build(name)
-                .await
-                .map_err(|source| crate::Error::Sink {
-                    name: name.clone(),
-                    source,
-                })?;
-            metrics.sink_up.with_label_values(&[name]).set(1);
-            sinks.push(SinkHandle::new(name.clone(), sink));
+        for (name, sink) in built {
+            let sink = sink.map_err(|source| crate::Error::Sink {
+                name: name.clone(),
+                source,
+            })?;
+            metrics.sink_up.with_label_values(&[&name]).set(1);
+            sinks.push(SinkHandle::new(name, sink));
         }
         Ok(Arc::new(Self {
             router,
@@ -351,5 +365,30 @@ impl Dispatcher {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two builds that each wait for the other: one after the other, the first would wait for
+    /// ever.
+    #[tokio::test]
+    async fn sinks_are_built_at_once() {
+        let barrier = tokio::sync::Barrier::new(2);
+        let built = tokio::time::timeout(
+            Duration::from_secs(10),
+            build_all(["a", "b"], |name| {
+                let barrier = &barrier;
+                async move {
+                    barrier.wait().await;
+                    name
+                }
+            }),
+        )
+        .await
+        .expect("both builds ran at once");
+        assert_eq!(built, ["a", "b"]);
     }
 }

@@ -319,3 +319,178 @@ pub async fn replay(
         })
         .collect()
 }
+
+/// Where a message is: waiting in `outbox.messages`, dead in `outbox.dead_letters`, or sent and
+/// kept by retention in `outbox.sent`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Waiting,
+    Dead,
+    Sent,
+}
+
+impl Source {
+    fn table(self) -> &'static str {
+        match self {
+            Source::Waiting => "outbox.messages",
+            Source::Dead => "outbox.dead_letters",
+            Source::Sent => "outbox.sent",
+        }
+    }
+
+    /// The source's own time: when the row is due, was dead-lettered, was sent.
+    fn time_column(self) -> &'static str {
+        match self {
+            Source::Waiting => "available_at",
+            Source::Dead => "dead_at",
+            Source::Sent => "sent_at",
+        }
+    }
+
+    /// The error columns (sent rows have none).
+    fn error_columns(self) -> &'static str {
+        match self {
+            Source::Waiting => "m.last_error, m.errors",
+            Source::Dead => "m.last_error, m.errors",
+            Source::Sent => "NULL::text AS last_error, '[]'::jsonb AS errors",
+        }
+    }
+}
+
+/// A message search: every given field must match; newest first, `limit` per page, the next
+/// page from `before_id`. Each condition given is one the source's indexes serve (message id,
+/// key, topic, id), except the time range, which narrows what they find (on its own it reads
+/// the newest rows backwards until the page is full).
+#[derive(Debug, Clone, PartialEq, Default, serde::Deserialize)]
+pub struct MessageQuery {
+    pub message_id: Option<String>,
+    pub key: Option<String>,
+    pub topic: Option<String>,
+    /// Enqueued at or after.
+    pub from: Option<DateTime<Utc>>,
+    /// Enqueued before.
+    pub to: Option<DateTime<Utc>>,
+    pub before_id: Option<i64>,
+}
+
+/// One line of a search.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MessageSummary {
+    pub source: Source,
+    pub id: i64,
+    pub message_id: String,
+    pub topic: String,
+    pub key: Option<String>,
+    pub created_at: DateTime<Utc>,
+    /// When it is due (waiting), was dead-lettered (dead) or sent (sent).
+    pub at: DateTime<Utc>,
+    pub attempts: i32,
+    pub payload_bytes: i64,
+    pub last_error: Option<String>,
+}
+
+/// Everything about one message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageDetail {
+    pub summary: MessageSummary,
+    pub payload: Vec<u8>,
+    pub headers: serde_json::Value,
+    pub errors: serde_json::Value,
+}
+
+/// The messages of `source` matching `q`, newest first, at most `limit`. The statement holds
+/// only the conditions given, so that each combination is planned for its own index.
+pub async fn search_messages(
+    conn: &mut PgConnection,
+    source: Source,
+    q: &MessageQuery,
+    limit: i64,
+) -> Result<Vec<MessageSummary>, sqlx::Error> {
+    let mut b = sqlx::QueryBuilder::<sqlx::Postgres>::new(format!(
+        "SELECT m.id, m.message_id, m.topic, m.key, m.created_at, m.{} AS at, m.attempts,
+                octet_length(m.payload)::bigint AS payload_bytes, {}
+           FROM {} m WHERE true",
+        source.time_column(),
+        source.error_columns(),
+        source.table()
+    ));
+    if let Some(v) = &q.message_id {
+        b.push(" AND m.message_id = ").push_bind(v.clone());
+    }
+    if let Some(v) = &q.key {
+        b.push(" AND m.key = ").push_bind(v.clone());
+    }
+    if let Some(v) = &q.topic {
+        b.push(" AND m.topic = ").push_bind(v.clone());
+    }
+    if let Some(v) = q.from {
+        b.push(" AND m.created_at >= ").push_bind(v);
+    }
+    if let Some(v) = q.to {
+        b.push(" AND m.created_at < ").push_bind(v);
+    }
+    if let Some(v) = q.before_id {
+        b.push(" AND m.id < ").push_bind(v);
+    }
+    b.push(" ORDER BY m.id DESC LIMIT ").push_bind(limit);
+    let rows = b.build().fetch_all(conn).await?;
+    rows.iter().map(|r| summary(source, r)).collect()
+}
+
+fn summary(source: Source, r: &sqlx::postgres::PgRow) -> Result<MessageSummary, sqlx::Error> {
+    Ok(MessageSummary {
+        source,
+        id: r.try_get("id")?,
+        message_id: r.try_get("message_id")?,
+        topic: r.try_get("topic")?,
+        key: r.try_get("key")?,
+        created_at: r.try_get("created_at")?,
+        at: r.try_get("at")?,
+        attempts: r.try_get("attempts")?,
+        payload_bytes: r.try_get("payload_bytes")?,
+        last_error: r.try_get("last_error")?,
+    })
+}
+
+/// One message of `source` by its id, with payload, headers and error history.
+pub async fn message(
+    conn: &mut PgConnection,
+    source: Source,
+    id: i64,
+) -> Result<Option<MessageDetail>, sqlx::Error> {
+    let sql = format!(
+        "SELECT m.id, m.message_id, m.topic, m.key, m.created_at, m.{} AS at, m.attempts,
+                octet_length(m.payload)::bigint AS payload_bytes, {}, m.payload, m.headers
+           FROM {} m WHERE m.id = $1",
+        source.time_column(),
+        source.error_columns(),
+        source.table()
+    );
+    let Some(r) = sqlx::query(&sql).bind(id).fetch_optional(conn).await? else {
+        return Ok(None);
+    };
+    Ok(Some(MessageDetail {
+        summary: summary(source, &r)?,
+        payload: r.try_get("payload")?,
+        headers: r
+            .try_get::<sqlx::types::Json<serde_json::Value>, _>("headers")?
+            .0,
+        errors: r
+            .try_get::<sqlx::types::Json<serde_json::Value>, _>("errors")?
+            .0,
+    }))
+}
+
+/// How many ordering slots each relay holds (at most 256 rows read).
+pub async fn slots_by_relay(
+    conn: &mut PgConnection,
+) -> Result<std::collections::BTreeMap<String, i64>, sqlx::Error> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT relay_id, count(*) FROM outbox.partition_leases
+          WHERE relay_id IS NOT NULL GROUP BY relay_id",
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().collect())
+}

@@ -250,19 +250,31 @@ async fn adopt_history(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error>
 }
 
 /// Fails with [`crate::Error::SchemaMissing`] (naming the database) when the outbox schema is
-/// missing.
+/// missing, and with [`crate::Error::SchemaOutdated`] when it lacks what the newest migration
+/// adds.
 pub async fn check_schema(pool: &PgPool) -> crate::Result<()> {
-    let (present, database): (bool, String) = sqlx::query_as(
-        "SELECT to_regclass('outbox.messages') IS NOT NULL, current_database()::text",
+    let (present, database, newest): (bool, String, bool) = sqlx::query_as(
+        "SELECT to_regclass('outbox.messages') IS NOT NULL, current_database()::text,
+                to_regclass(($1::text)) IS NOT NULL",
     )
+    .bind(NEWEST_OBJECT)
     .fetch_one(pool)
     .await?;
-    if present {
-        Ok(())
-    } else {
-        Err(crate::Error::SchemaMissing { database })
+    match (present, newest) {
+        (true, true) => Ok(()),
+        (true, false) => Err(crate::Error::SchemaOutdated {
+            database,
+            missing: NEWEST_OBJECT.into(),
+        }),
+        (false, _) => Err(crate::Error::SchemaMissing { database }),
     }
 }
+
+/// A table of the newest migration the relay's statements need (0012_admin.sql): a schema
+/// without it was migrated by an older relay, or by a tool that has not applied the newer files.
+/// (Checked by object, not by `outbox._sqlx_migrations`, which other migration tools do not
+/// write.)
+const NEWEST_OBJECT: &str = "outbox.admin_audit";
 
 /// The server's `autovacuum` setting is on (or cannot be read).
 pub async fn autovacuum_on(pool: &PgPool) -> bool {
