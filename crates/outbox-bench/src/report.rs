@@ -621,10 +621,11 @@ impl Report {
                 s.sink, s.autovacuum, s.target_rate, s.rate_basis, s.messages_per_tx, s.secs
             );
             println!(
-                "{:>7} {:>5} {:>10} {:>9} {:>9} {:>11} {:>10} {:>12} {:>12} {:>10} {:>9}",
+                "{:>7} {:>5} {:>10} {:>10} {:>9} {:>9} {:>11} {:>10} {:>12} {:>12} {:>10} {:>9}",
                 "t (s)",
                 "held",
                 "recv/s",
+                "sent/s",
                 "p50 ms",
                 "p99 ms",
                 "commit p99",
@@ -636,10 +637,13 @@ impl Report {
             );
             for w in &s.windows {
                 println!(
-                    "{:>7.0} {:>5} {:>10.0} {:>9.1} {:>9.1} {:>11.1} {:>10} {:>12} {:>12} {:>10} {:>9}",
+                    "{:>7.0} {:>5} {:>10.0} {:>10} {:>9.1} {:>9.1} {:>11.1} {:>10} {:>12} {:>12} {:>10} {:>9}",
                     w.start_secs,
                     if w.held { "yes" } else { "" },
                     w.received_per_sec,
+                    w.published_per_sec
+                        .map(|c| format!("{c:.0}"))
+                        .unwrap_or_else(|| "-".into()),
                     w.latency.p50_ms,
                     w.latency.p99_ms,
                     w.from_commit.p99_ms,

@@ -117,7 +117,16 @@ impl Destination for NatsDestination {
                 ..Default::default()
             })
             .await?;
-        let mut messages = consumer.messages().await?;
+        // Short pull requests: a pull request the client and the server disagree about ends
+        // within `expires` (async-nats' default is 30 s, which shows up in the latencies as
+        // 30-35 s pauses of delivery while the relay keeps publishing).
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(1_000)
+            .expires(Duration::from_secs(2))
+            .heartbeat(Duration::from_millis(500))
+            .messages()
+            .await?;
         tokio::spawn(async move {
             while let Some(next) = messages.next().await {
                 let at = Instant::now();

@@ -343,6 +343,10 @@ pub struct SteadyWindow {
     pub start_secs: f64,
     /// Messages that arrived at the consumer in this window, per second.
     pub received_per_sec: f64,
+    /// Messages the relay marked sent in this window (broker acknowledged), per second, from
+    /// `outbox_published_total`: beside `received_per_sec` it tells a relay that stalled from
+    /// a consumer that did.
+    pub published_per_sec: Option<f64>,
     /// Latency (intended send → consumer) of the messages scheduled in this window.
     pub latency: Percentiles,
     /// COMMIT returned → consumer, of the messages scheduled in this window.
@@ -471,6 +475,17 @@ fn claim_buckets(metrics: &str) -> Vec<(f64, f64)> {
 }
 
 /// The p99 (bucket upper bound, ms) of the claims between two scrapes.
+/// Rows the relay marked sent (`outbox_published_total`, outcomes `delivered` and `duplicate`).
+fn published_total(metrics: &str) -> Option<f64> {
+    let rows: Vec<f64> = metrics
+        .lines()
+        .filter(|l| l.starts_with("outbox_published_total{"))
+        .filter(|l| l.contains("outcome=\"delivered\"") || l.contains("outcome=\"duplicate\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!rows.is_empty()).then(|| rows.iter().sum())
+}
+
 fn claim_p99_between(before: &str, after: &str) -> Option<f64> {
     let (a, b) = (claim_buckets(before), claim_buckets(after));
     if b.is_empty() {
@@ -632,6 +647,8 @@ pub async fn steady(
         windows.push(SteadyWindow {
             start_secs,
             received_per_sec: received as f64 / o.steady_window_secs,
+            published_per_sec: published_total(&s.metrics)
+                .map(|n| (n - published_total(before).unwrap_or(0.0)) / o.steady_window_secs),
             latency: percentiles(&mut lat),
             from_commit: percentiles(&mut commit),
             claim_p99_ms: claim_p99_between(before, &s.metrics),
