@@ -1,7 +1,6 @@
 //! A batch's metrics, updated once per batch: claim and mark durations, batch size, rows in
 //! flight, outcomes, errors, retries and delivery latency per sink.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,10 +63,12 @@ impl Tally {
         outcomes: &[RowOutcome],
         completion: &Completion,
     ) {
-        let mut counts: HashMap<(&str, &str, &'static str), u64> = HashMap::new();
-        let mut errors: HashMap<(&str, &str, &'static str), u64> = HashMap::new();
-        let mut retries: HashMap<(&str, &str), u64> = HashMap::new();
-        let mut latency: HashMap<&str, Vec<f64>> = HashMap::new();
+        // A batch has a handful of (topic, sink, outcome) combinations, usually one: counted in
+        // small lists, each looked up from its last entry, instead of hashing every row's labels.
+        let mut counts: Vec<((&str, &str, &'static str), u64)> = Vec::new();
+        let mut errors: Vec<((&str, &str, &'static str), u64)> = Vec::new();
+        let mut retries: Vec<((&str, &str), u64)> = Vec::new();
+        let mut latency: Vec<(&str, Vec<f64>)> = Vec::new();
         let now = Utc::now();
         for (((row, sink), outcome), action) in rows
             .iter()
@@ -76,16 +77,16 @@ impl Tally {
             .zip(&completion.actions)
         {
             let (topic, sink) = (row.topic.as_str(), *sink);
-            *counts.entry((topic, sink, action.label())).or_default() += 1;
+            *entry(&mut counts, (topic, sink, action.label())) += 1;
             if let Some(error_type) = outcome.error_type() {
-                *errors.entry((topic, sink, error_type)).or_default() += 1;
+                *entry(&mut errors, (topic, sink, error_type)) += 1;
             }
             match action {
                 Action::Delivered | Action::Duplicate => {
                     let secs = (now - row.created_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
-                    latency.entry(sink).or_default().push(secs.max(0.0));
+                    entry(&mut latency, sink).push(secs.max(0.0));
                 }
-                Action::Retry => *retries.entry((topic, sink)).or_default() += 1,
+                Action::Retry => *entry(&mut retries, (topic, sink)) += 1,
                 Action::Released | Action::HeldBack | Action::Dead => {}
             }
         }
@@ -111,6 +112,19 @@ impl Tally {
             tracing::warn!(count = completion.dead.len(), first_error = %first, "messages dead-lettered");
         }
     }
+}
+
+/// The value kept for `key` in `list`, added (default) when missing; searched from the end, where
+/// the rows of a batch, in id order and mostly of one topic, find their entry at once.
+fn entry<K: PartialEq, V: Default>(list: &mut Vec<(K, V)>, key: K) -> &mut V {
+    let at = match list.iter().rposition(|(k, _)| *k == key) {
+        Some(at) => at,
+        None => {
+            list.push((key, V::default()));
+            list.len() - 1
+        }
+    };
+    &mut list[at].1
 }
 
 /// Keeps `outbox_in_flight_messages` right on every exit path.

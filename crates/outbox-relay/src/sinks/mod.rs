@@ -302,9 +302,26 @@ pub fn complete_outcomes(outcomes: Vec<Option<Outcome>>) -> Vec<Outcome> {
 /// Fills `{topic}` and `{key}` in a destination template. A row without a key yields an empty
 /// string for `{key}`.
 pub fn render_template(template: &str, row: &OutboxRow) -> String {
-    template
-        .replace("{topic}", &row.topic)
-        .replace("{key}", row.key.as_deref().unwrap_or(""))
+    let key = row.key.as_deref().unwrap_or("");
+    let mut out = String::with_capacity(template.len() + row.topic.len() + key.len());
+    let mut rest = template;
+    // One pass, once per message: the text up to each `{`, then the placeholder's value.
+    while let Some(at) = rest.find('{') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        if let Some(after) = rest.strip_prefix("{topic}") {
+            out.push_str(&row.topic);
+            rest = after;
+        } else if let Some(after) = rest.strip_prefix("{key}") {
+            out.push_str(key);
+            rest = after;
+        } else {
+            out.push('{');
+            rest = &rest[1..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Checks a template uses only the placeholders we know.
@@ -350,6 +367,18 @@ mod tests {
             render_template("events.{topic}.{key}", &row),
             "events.user.created.42"
         );
+        assert_eq!(
+            render_template("{key}-{key}:{topic}", &row),
+            "42-42:user.created"
+        );
+        assert_eq!(render_template("fixed", &row), "fixed");
+        // A placeholder's value is not searched for placeholders again.
+        let braces = OutboxRow {
+            topic: "t.{key}".into(),
+            key: None,
+            ..row.clone()
+        };
+        assert_eq!(render_template("{topic}.{key}.", &braces), "t.{key}..");
         assert!(validate_template("subject", "a.{nope}")
             .unwrap_err()
             .contains("{nope}"));

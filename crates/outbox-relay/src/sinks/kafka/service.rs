@@ -14,7 +14,8 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext};
 
 use super::topics::Lookup;
-use crate::sinks::SinkError;
+use crate::message::OutboxRow;
+use crate::sinks::{message_headers, SinkError};
 
 /// Receives librdkafka's client-level events. `AllBrokersDown` makes the sink report itself
 /// unavailable at once instead of waiting for every message to time out; a broker that refused
@@ -108,12 +109,12 @@ pub(super) struct KafkaService {
 }
 
 /// One message ready to produce.
-pub(super) struct Outgoing {
+pub(super) struct Outgoing<'a> {
+    /// The Kafka topic, rendered from the route.
     pub topic: String,
-    pub key: Option<String>,
-    pub headers: Vec<(String, String)>,
-    pub payload: Vec<u8>,
-    pub timestamp_ms: i64,
+    /// The row, whose key, headers, payload and creation time the record borrows: librdkafka
+    /// copies them once into its own queue, so no copy of ours is needed before that.
+    pub row: &'a OutboxRow,
 }
 
 /// The broker's answer for one message.
@@ -245,7 +246,7 @@ impl KafkaService {
 
     /// Produces every message in order (so one key's messages keep their order within their
     /// partition), then awaits all delivery reports: one wait for the batch, not per message.
-    pub async fn produce_all(&self, batch: &[Outgoing]) -> Vec<Delivery> {
+    pub async fn produce_all(&self, batch: &[Outgoing<'_>]) -> Vec<Delivery> {
         let producer = self.producer();
         let mut out: Vec<Option<Delivery>> = Vec::with_capacity(batch.len());
         let mut pending: Vec<(usize, DeliveryFuture)> = Vec::with_capacity(batch.len());
@@ -319,20 +320,21 @@ impl KafkaService {
     async fn enqueue(
         &self,
         producer: &Client,
-        msg: &Outgoing,
+        msg: &Outgoing<'_>,
     ) -> Result<DeliveryFuture, SinkError> {
-        let mut headers = OwnedHeaders::new_with_capacity(msg.headers.len());
-        for (key, value) in &msg.headers {
+        let row = msg.row;
+        let mut headers = OwnedHeaders::new_with_capacity(row.headers.len() + 3);
+        for (key, value) in message_headers(row) {
             headers = headers.insert(Header {
                 key,
                 value: Some(value.as_bytes()),
             });
         }
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&msg.topic)
-            .payload(&msg.payload[..])
+            .payload(&row.payload[..])
             .headers(headers)
-            .timestamp(msg.timestamp_ms);
-        if let Some(key) = &msg.key {
+            .timestamp(row.created_at.timestamp_millis());
+        if let Some(key) = &row.key {
             record = record.key(key.as_bytes());
         }
         let deadline = tokio::time::Instant::now() + self.queue_full_timeout;

@@ -9,9 +9,7 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use super::config::{valid_topic_name, KafkaConfig};
 use super::service::{Delivery, KafkaService, Outgoing};
 use super::topics::Topics;
-use crate::sinks::{
-    complete_outcomes, message_headers, render_template, Envelope, Outcome, Sink, SinkError,
-};
+use crate::sinks::{complete_outcomes, render_template, Envelope, Outcome, Sink, SinkError};
 
 /// At most this many metadata requests at a time for the new topics of one batch.
 const LOOKUPS_IN_FLIGHT: usize = 8;
@@ -63,7 +61,7 @@ impl KafkaSink {
     /// not answer makes the whole sink unavailable.
     async fn refused_topics(
         &self,
-        to_send: &[Outgoing],
+        to_send: &[Outgoing<'_>],
     ) -> Result<HashMap<String, SinkError>, SinkError> {
         let new: BTreeSet<String> = to_send
             .iter()
@@ -92,7 +90,7 @@ impl KafkaSink {
             .collect())
     }
 
-    fn outgoing(&self, env: &Envelope<'_>) -> Result<Outgoing, SinkError> {
+    fn outgoing<'a>(&self, env: &Envelope<'a>) -> Result<Outgoing<'a>, SinkError> {
         let row = env.row;
         let topic = render_template(&self.config.routes[env.route].topic, row);
         if !valid_topic_name(&topic) {
@@ -104,16 +102,7 @@ impl KafkaSink {
                 ),
             ));
         }
-        let headers = message_headers(row)
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        Ok(Outgoing {
-            topic,
-            key: row.key.clone(),
-            headers,
-            payload: row.payload.clone(),
-            timestamp_ms: row.created_at.timestamp_millis(),
-        })
+        Ok(Outgoing { topic, row })
     }
 }
 

@@ -252,15 +252,32 @@ pub fn check_subject(subject: &str) -> Result<(), &'static str> {
     if subject.is_empty() {
         return Err("is empty");
     }
-    if subject.contains(|c: char| c.is_whitespace()) {
+    // One pass per message: the client's own check is off (the relay checks here, more strictly).
+    let (mut whitespace, mut wildcard, mut empty_token) = (false, false, false);
+    let mut token_len = 0usize;
+    for c in subject.chars() {
+        match c {
+            '.' => {
+                empty_token |= token_len == 0;
+                token_len = 0;
+                continue;
+            }
+            '*' | '>' => wildcard = true,
+            c if c.is_whitespace() => whitespace = true,
+            _ => {}
+        }
+        token_len += 1;
+    }
+    empty_token |= token_len == 0;
+    if whitespace {
         return Err("contains whitespace");
     }
-    if subject.contains(['*', '>']) {
+    if wildcard {
         return Err(
             "contains a wildcard ('*' or '>'), which no consumer of concrete subjects receives",
         );
     }
-    if subject.split('.').any(str::is_empty) {
+    if empty_token {
         return Err("has an empty token (it starts or ends with '.', or contains '..')");
     }
     Ok(())

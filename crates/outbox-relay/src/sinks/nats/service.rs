@@ -7,23 +7,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use async_nats::client::PublishErrorKind as ClientPublishErrorKind;
 use async_nats::connection::State;
 use async_nats::header::{HeaderMap, HeaderName, HeaderValue};
 use async_nats::jetstream::context::{ContextBuilder, GetStreamErrorKind, PublishErrorKind};
-use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
 use async_nats::jetstream::{Context, ErrorCode};
-use async_nats::{ClientError, Event, ServerError};
+use async_nats::{ClientError, Event, ServerError, Subject};
 use bytes::Bytes;
-use futures::future::join_all;
+use futures::StreamExt;
 
 use super::config::{NatsConfig, NatsStreamConfig};
 use super::security::{self, split_credentials, Auth, Finding, Probe};
-use crate::sinks::SinkError;
-
-/// Acks allowed in flight on one connection: several batches' worth, so a batch never waits for
-/// a permit held by its own earlier messages.
-const MAX_ACKS_IN_FLIGHT: usize = 20_000;
+use crate::message::OutboxRow;
+use crate::sinks::{standard_headers, SinkError, IDEMPOTENCY_HEADER, KEY_HEADER, TOPIC_HEADER};
 
 /// `error_type` of a publish that no stream captured.
 pub(super) const NO_STREAM: &str = "no_stream";
@@ -36,6 +33,8 @@ pub(super) struct NatsService {
     client: async_nats::Client,
     js: Context,
     link: Arc<Link>,
+    /// How long a batch waits for its acks.
+    ack_timeout: Duration,
     /// Whether an existing stream whose limits differ from the configured ones was reported.
     limits_reported: AtomicBool,
 }
@@ -43,12 +42,12 @@ pub(super) struct NatsService {
 /// One message ready to send.
 pub(super) struct Outgoing {
     pub subject: String,
-    pub message_id: String,
-    pub headers: Vec<(String, String)>,
+    pub headers: HeaderMap,
     pub payload: Bytes,
 }
 
 /// The broker's answer for one message.
+#[derive(Clone)]
 pub(super) enum Ack {
     Stored { duplicate: bool },
     Failed(SinkError),
@@ -80,6 +79,9 @@ impl NatsService {
             .tls_client_config((*tls).clone())
             .require_tls(security::requires_tls(&config.url, &config.tls))
             .name(format!("outbox-relay/{name}"))
+            // The relay checks every subject it publishes to (`check_subject`, stricter than the
+            // client's check, which would run again per message) and makes its reply subjects.
+            .skip_subject_validation(true)
             .event_callback(move |event| {
                 let link = Arc::clone(&events);
                 async move {
@@ -100,13 +102,12 @@ impl NatsService {
             })?;
         let js = ContextBuilder::new()
             .timeout(ack_timeout)
-            .max_ack_inflight(MAX_ACKS_IN_FLIGHT)
-            .backpressure_on_inflight(true)
             .build(client.clone());
         Ok(Self {
             client,
             js,
             link,
+            ack_timeout,
             limits_reported: AtomicBool::new(false),
         })
     }
@@ -195,48 +196,75 @@ impl NatsService {
     }
 
     /// Sends every message, then awaits all acks: one round trip for the batch, not per message.
+    ///
+    /// Each message goes out as a plain publish with a reply subject of the batch's own inbox
+    /// (`<inbox>.<index>`), and one subscription on `<inbox>.*` collects the acks: JetStream
+    /// answers a publish that carries a reply subject on that subject, whoever sent it. This is
+    /// what the JetStream context's `send_publish` does per message, without its per-message
+    /// inbox, response registration, ack-permit and timer, and the boxed future around each ack:
+    /// half the relay's CPU per message went there (docs/benchmarks.md, "CPU per message").
+    /// The subscription is made before the first publish, on the same connection, so the server
+    /// knows it before any ack can come.
     pub async fn publish_all(&self, batch: Vec<Outgoing>) -> Vec<Ack> {
-        let mut acks: Vec<Option<Ack>> = Vec::with_capacity(batch.len());
-        let mut pending = Vec::with_capacity(batch.len());
+        let n = batch.len();
+        let mut acks: Vec<Option<Ack>> = (0..n).map(|_| None).collect();
+        let inbox = self.client.new_inbox();
+        let mut replies = match self.client.subscribe(format!("{inbox}.*")).await {
+            Ok(s) => s,
+            Err(e) => {
+                let e = SinkError::unavailable(
+                    "timeout",
+                    format!("cannot subscribe to the acknowledgements: {e}"),
+                );
+                return vec![Ack::Failed(e); n];
+            }
+        };
+        let mut awaited = 0usize;
+        // Kept for the error messages; a `Subject` shares its bytes, so the clone is a count.
+        let mut subjects = Vec::with_capacity(n);
         for (i, msg) in batch.into_iter().enumerate() {
-            let headers = match build_headers(&msg.headers) {
-                Ok(h) => h,
-                Err(e) => {
-                    acks.push(Some(Ack::Failed(e)));
-                    continue;
-                }
-            };
-            let publish = PublishMessage::build()
-                .headers(headers)
-                .message_id(&msg.message_id)
-                .payload(msg.payload);
-            match self.js.send_publish(msg.subject.clone(), publish).await {
-                Ok(fut) => {
-                    acks.push(None);
-                    let subject = msg.subject;
-                    pending.push(async move { (i, subject, fut.await) });
-                }
-                Err(e) => acks.push(Some(Ack::Failed(classify(
-                    e.kind(),
-                    &msg.subject,
-                    &e.to_string(),
-                )))),
+            let subject = Subject::from(msg.subject);
+            subjects.push(subject.clone());
+            let sent = self
+                .client
+                .publish_with_reply_and_headers(
+                    subject,
+                    Subject::from(reply_subject(&inbox, i)),
+                    msg.headers,
+                    msg.payload,
+                )
+                .await;
+            match sent {
+                Ok(()) => awaited += 1,
+                Err(e) => acks[i] = Some(Ack::Failed(refused(e.kind(), &e))),
             }
         }
-        for (i, subject, result) in join_all(pending).await {
-            acks[i] = Some(match result {
-                Ok(ack) => Ack::Stored {
-                    duplicate: ack.duplicate,
-                },
-                Err(e) => Ack::Failed(classify(e.kind(), &subject, &e.to_string())),
-            });
+        let deadline = tokio::time::Instant::now() + self.ack_timeout;
+        while awaited > 0 {
+            let next = tokio::time::timeout_at(deadline, replies.next()).await;
+            let Ok(Some(message)) = next else { break };
+            let index = message
+                .subject
+                .rsplit('.')
+                .next()
+                .and_then(|i| i.parse::<usize>().ok());
+            if let Some(i) = index.filter(|&i| i < n) {
+                if acks[i].is_none() {
+                    acks[i] = Some(read_ack(&message, &subjects[i]));
+                    awaited -= 1;
+                }
+            }
         }
+        drop(replies);
         acks.into_iter()
             .map(|a| {
                 a.unwrap_or_else(|| {
                     Ack::Failed(SinkError::unavailable(
-                        "internal",
-                        "no acknowledgement recorded",
+                        "timeout",
+                        format!(
+                            "no acknowledgement from NATS within {}s",
+                            self.ack_timeout.as_secs()
+                        ),
                     ))
                 })
             })
@@ -244,9 +272,29 @@ impl NatsService {
     }
 }
 
-fn build_headers(pairs: &[(String, String)]) -> Result<HeaderMap, SinkError> {
+/// `<inbox>.<i>`, the reply subject of the batch's message `i`.
+fn reply_subject(inbox: &str, i: usize) -> String {
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(i);
+    let mut subject = String::with_capacity(inbox.len() + 1 + digits.len());
+    subject.push_str(inbox);
+    subject.push('.');
+    subject.push_str(digits);
+    subject
+}
+
+/// The name JetStream deduplicates on, and the standard headers' names, built once.
+const MSG_ID: HeaderName = HeaderName::from_static("Nats-Msg-Id");
+const IDEMPOTENCY: HeaderName = HeaderName::from_static(IDEMPOTENCY_HEADER);
+const TOPIC: HeaderName = HeaderName::from_static(TOPIC_HEADER);
+const KEY: HeaderName = HeaderName::from_static(KEY_HEADER);
+
+/// A message's NATS headers: the row's own, then the standard headers (which win over a row
+/// header of the same name), and `Nats-Msg-Id`, the message id JetStream deduplicates on. A row
+/// header NATS cannot carry is the row's fault: a permanent failure that names it.
+pub(super) fn build_headers(row: &OutboxRow) -> Result<HeaderMap, SinkError> {
     let mut map = HeaderMap::new();
-    for (name, value) in pairs {
+    for (name, value) in &row.headers {
         if name.is_empty() {
             return Err(SinkError::permanent(
                 "invalid_header",
@@ -259,15 +307,124 @@ fn build_headers(pairs: &[(String, String)]) -> Result<HeaderMap, SinkError> {
                 format!("header name {name:?} is not valid for NATS: {e}"),
             )
         })?;
-        let v = HeaderValue::from_str(value).map_err(|e| {
-            SinkError::permanent(
-                "invalid_header",
-                format!("header {name:?} has a value NATS cannot carry: {e}"),
-            )
-        })?;
-        map.insert(n, v);
+        map.insert(n, header_value(name, value)?);
     }
+    for (name, value) in standard_headers(row) {
+        let n = match name {
+            IDEMPOTENCY_HEADER => IDEMPOTENCY,
+            TOPIC_HEADER => TOPIC,
+            KEY_HEADER => KEY,
+            other => HeaderName::from_static(other),
+        };
+        map.insert(n, header_value(name, value)?);
+    }
+    map.insert(MSG_ID, header_value("Nats-Msg-Id", &row.message_id)?);
     Ok(map)
+}
+
+fn header_value(name: &str, value: &str) -> Result<HeaderValue, SinkError> {
+    HeaderValue::from_str(value).map_err(|e| {
+        SinkError::permanent(
+            "invalid_header",
+            format!("header {name:?} has a value NATS cannot carry: {e}"),
+        )
+    })
+}
+
+/// A publish the client refused before sending it.
+fn refused(kind: ClientPublishErrorKind, e: &dyn std::fmt::Display) -> SinkError {
+    match kind {
+        ClientPublishErrorKind::MaxPayloadExceeded => SinkError::permanent(
+            "too_large",
+            format!("message is larger than the NATS server's max_payload: {e}"),
+        ),
+        ClientPublishErrorKind::InvalidSubject => SinkError::permanent(
+            "invalid_subject",
+            format!("the subject is not a valid NATS subject: {e}"),
+        ),
+        _ => SinkError::unavailable(
+            "timeout",
+            format!("cannot send to NATS (connection closed): {e}"),
+        ),
+    }
+}
+
+/// JetStream's answer to one publish: `{"stream":…,"seq":…[,"duplicate":true]}`, an API error
+/// `{"error":{"code":…,"err_code":…,"description":…}}`, or the server's "no responders" status
+/// when no stream captures the subject.
+fn read_ack(message: &async_nats::Message, subject: &str) -> Ack {
+    if message.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+        return Ack::Failed(classify(
+            PublishErrorKind::StreamNotFound,
+            subject,
+            "no responders",
+        ));
+    }
+    let payload: &[u8] = &message.payload;
+    // The common answer, `{"stream":"…","seq":…}`, is read without a JSON parse; anything else
+    // is parsed: an error, or `"duplicate": true` (the server writes it with a space) for a
+    // message id seen within the duplicate window.
+    if payload.starts_with(b"{\"stream\":")
+        && !contains(payload, b"\"error\"")
+        && !contains(payload, b"\"duplicate\"")
+    {
+        return Ack::Stored { duplicate: false };
+    }
+    match serde_json::from_slice::<AckBody<'_>>(payload) {
+        Ok(AckBody {
+            error: None,
+            stream: Some(_),
+            duplicate,
+        }) => Ack::Stored { duplicate },
+        Ok(AckBody {
+            error: Some(error), ..
+        }) => {
+            let kind = match ErrorCode(error.err_code.unwrap_or(0)) {
+                ErrorCode::STREAM_WRONG_LAST_MESSAGE_ID => PublishErrorKind::WrongLastMessageId,
+                ErrorCode::STREAM_WRONG_LAST_SEQUENCE => PublishErrorKind::WrongLastSequence,
+                _ => PublishErrorKind::Other,
+            };
+            let text = format!(
+                "{} (code {}, error code {})",
+                error.description.as_deref().unwrap_or("no description"),
+                error.code,
+                error.err_code.unwrap_or(0)
+            );
+            Ack::Failed(classify(kind, subject, &text))
+        }
+        _ => Ack::Failed(classify(
+            PublishErrorKind::Other,
+            subject,
+            &format!(
+                "unreadable acknowledgement {:?}",
+                String::from_utf8_lossy(&message.payload)
+            ),
+        )),
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[derive(serde::Deserialize)]
+struct AckBody<'a> {
+    #[serde(borrow, default)]
+    stream: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    duplicate: bool,
+    #[serde(default)]
+    error: Option<ApiError>,
+}
+
+#[derive(serde::Deserialize)]
+struct ApiError {
+    #[serde(default)]
+    code: u16,
+    #[serde(default)]
+    err_code: Option<u64>,
+    #[serde(default)]
+    description: Option<String>,
 }
 
 fn classify(kind: PublishErrorKind, subject: &str, text: &str) -> SinkError {
@@ -617,6 +774,61 @@ mod tests {
 
     fn is_warn(n: &Note) -> bool {
         matches!(n, Note::Warn(_))
+    }
+
+    fn answer(payload: &'static str, status: Option<async_nats::StatusCode>) -> Ack {
+        let message = async_nats::Message {
+            subject: Subject::from_static("_INBOX.x.0"),
+            reply: None,
+            payload: Bytes::from_static(payload.as_bytes()),
+            headers: None,
+            status,
+            description: None,
+            length: payload.len(),
+        };
+        read_ack(&message, "orders.created")
+    }
+
+    /// The answers nats-server 2.9 writes: a plain ack, a duplicate (with a space before
+    /// `true`), an API error, and "no responders" when no stream captures the subject.
+    #[test]
+    fn jetstream_answers_are_read_as_the_server_writes_them() {
+        let stored = |a: Ack| match a {
+            Ack::Stored { duplicate } => Some(duplicate),
+            Ack::Failed(_) => None,
+        };
+        assert_eq!(
+            stored(answer(r#"{"stream":"S","seq":7}"#, None)),
+            Some(false)
+        );
+        assert_eq!(
+            stored(answer(r#"{"stream":"S","domain":"d","seq":7}"#, None)),
+            Some(false)
+        );
+        assert_eq!(
+            stored(answer(r#"{"stream":"S","seq":7,"duplicate": true}"#, None)),
+            Some(true)
+        );
+        assert_eq!(
+            stored(answer(r#"{"stream":"S","seq":7,"duplicate":true}"#, None)),
+            Some(true)
+        );
+        let Ack::Failed(e) = answer(
+            r#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}"#,
+            None,
+        ) else {
+            panic!("an API error is a failure");
+        };
+        assert!(e.to_string().contains("maximum messages exceeded"), "{e}");
+        let Ack::Failed(e) = answer("", Some(async_nats::StatusCode::NO_RESPONDERS)) else {
+            panic!("no responders is a failure");
+        };
+        assert_eq!(e.error_type, NO_STREAM);
+        assert!(e.to_string().contains("orders.created"), "{e}");
+        let Ack::Failed(e) = answer("not json", None) else {
+            panic!("an unreadable answer is a failure");
+        };
+        assert!(e.to_string().contains("unreadable"), "{e}");
     }
 
     #[test]

@@ -8,10 +8,9 @@ use bytes::Bytes;
 
 use super::config::{check_subject, NatsConfig};
 use super::security::{self, Auth};
-use super::service::{Ack, NatsService, Outgoing, NO_STREAM};
+use super::service::{build_headers, Ack, NatsService, Outgoing, NO_STREAM};
 use crate::sinks::{
-    complete_outcomes, message_headers, render_template, Envelope, ErrorKind, Outcome, Sink,
-    SinkError,
+    complete_outcomes, render_template, Envelope, ErrorKind, Outcome, Sink, SinkError,
 };
 
 pub struct NatsSink {
@@ -128,13 +127,16 @@ impl Sink for NatsSink {
                 )));
                 continue;
             }
-            let headers = message_headers(row)
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect();
+            let headers = match build_headers(row) {
+                Ok(h) => h,
+                Err(e) => {
+                    outcomes[i] = Some(Outcome::Failed(e));
+                    continue;
+                }
+            };
             sent.push(i);
             outgoing.push(Outgoing {
                 subject,
-                message_id: row.message_id.clone(),
                 headers,
                 payload: Bytes::copy_from_slice(&row.payload),
             });
