@@ -26,7 +26,15 @@ fn with_database(url: &str, db: &str) -> anyhow::Result<String> {
 }
 
 impl BenchDb {
+    /// A new database migrated with the relay's migrations.
     pub async fn create(admin_url: &str, scenario: &str) -> anyhow::Result<Self> {
+        let db = Self::create_empty(admin_url, scenario).await?;
+        outbox_relay::store::migrate(&db.pool).await?;
+        Ok(db)
+    }
+
+    /// A new database without the relay's schema (for the `peer` scenario's job queue).
+    pub async fn create_empty(admin_url: &str, scenario: &str) -> anyhow::Result<Self> {
         let name = unique(&format!("outbox_bench_{scenario}"));
         let mut admin = PgConnection::connect(admin_url).await.with_context(|| {
             format!(
@@ -44,7 +52,6 @@ impl BenchDb {
             .max_connections(4)
             .connect(&url)
             .await?;
-        outbox_relay::store::migrate(&pool).await?;
         Ok(Self {
             name,
             url,

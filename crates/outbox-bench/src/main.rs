@@ -16,6 +16,11 @@
 //!    transaction holds the xmin horizon, with and without the claim floor.
 //! 9. `admin` (only when named): the admin's overview and message searches with `--admin-rows`
 //!    waiting rows.
+//! 10. `peer` (only when named: it needs Node.js and npm, installs graphile-worker from npm the
+//!     first time, and takes minutes): graphile-worker 0.18.0 (`--peer-concurrency` 24) draining
+//!     `--messages` no-op jobs, interleaved `--rounds` times with the relay's ordered drain of as
+//!     many messages to NATS, on the same PostgreSQL; the ratio relay / graphile-worker per round
+//!     and its median.
 //!
 //! See docs/benchmarks.md for the method and the results on the reference machine.
 
@@ -49,6 +54,7 @@ pub enum Scenario {
     Heldxmin,
     Deadrows,
     Admin,
+    Peer,
 }
 
 #[derive(Debug, Parser)]
@@ -62,7 +68,7 @@ pub struct Cli {
     #[command(subcommand)]
     command: Option<Child>,
 
-    /// Scenarios to run, comma-separated.
+    /// Scenarios to run, comma-separated. `admin` and `peer` run only when named.
     #[arg(
         long,
         value_delimiter = ',',
@@ -76,7 +82,7 @@ pub struct Cli {
     /// answers; Kafka needs `tansu` or --kafka-brokers].
     #[arg(long, value_delimiter = ',')]
     sinks: Vec<String>,
-    /// Backlog size for ceiling, drain and scale [default: 200000; quick: 20000].
+    /// Backlog size for ceiling, drain, scale and peer [default: 200000; quick: 20000].
     #[arg(long)]
     messages: Option<u64>,
     /// Payload size in bytes.
@@ -91,7 +97,7 @@ pub struct Cli {
     /// Repeat ceiling + drain this many times; medians are reported [default: 3; quick: 1].
     #[arg(long)]
     repeat: Option<usize>,
-    /// Rounds of the enqueue and scale scenarios. Within a round the cells compared with each
+    /// Rounds of the enqueue, scale and peer scenarios. Within a round the cells compared with each
     /// other run back to back, in an order that rotates from round to round; reported are the
     /// medians over rounds and the median of the ratios paired within a round
     /// [default: 3; quick: 2].
@@ -166,6 +172,10 @@ pub struct Cli {
     /// Waiting rows of the `admin` scenario [default: 10000000; quick: 200000].
     #[arg(long)]
     admin_rows: Option<u64>,
+    /// Concurrent jobs of graphile-worker in the `peer` scenario (its pool gets 2 connections
+    /// more, as graphile-worker advises).
+    #[arg(long, default_value_t = 24)]
+    peer_concurrency: usize,
     /// PostgreSQL server; each benchmark creates (and drops) its own database there.
     #[arg(
         long,
@@ -287,6 +297,7 @@ fn resolve(cli: &Cli) -> anyhow::Result<Opts> {
         admin_rows: cli
             .admin_rows
             .unwrap_or(if q { 200_000 } else { 10_000_000 }),
+        peer_concurrency: cli.peer_concurrency,
         launcher: RelayLauncher::new(cli.relay_bin.clone(), batch_size, workers, log_dir)?,
     };
     anyhow::ensure!(o.messages > 0, "--messages must be above 0");
@@ -315,6 +326,7 @@ fn resolve(cli: &Cli) -> anyhow::Result<Opts> {
         "--steady-fraction must be in (0, 1], got {}",
         o.steady_fraction
     );
+    anyhow::ensure!(o.peer_concurrency > 0, "--peer-concurrency must be above 0");
     anyhow::ensure!(
         cli.kafka_partitions > 0,
         "--kafka-partitions must be above 0"
@@ -337,6 +349,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     for s in &skipped {
         eprintln!("skipping sink {s}");
     }
+    // The peer scenario's relay drains to NATS: checked before anything runs.
+    let peer_nats = match brokers.iter().find(|b| b.kind() == "nats") {
+        _ if !wants(Scenario::Peer) => None,
+        Some(nats) => Some(nats),
+        None => anyhow::bail!(
+            "the peer scenario measures the relay's drain to NATS, and NATS is not available ({})",
+            skipped
+                .iter()
+                .find(|s| s.starts_with("nats"))
+                .map(String::as_str)
+                .unwrap_or("--sinks leaves it out")
+        ),
+    };
     let admin = sqlx::PgPool::connect(&o.database_url).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot connect to PostgreSQL at {}: {e}; start it or pass --database-url",
@@ -547,6 +572,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             o.admin_rows
         );
         r.admin = Some(scenarios::admin::admin(&o, o.admin_rows).await?);
+    }
+
+    if let Some(nats) = peer_nats {
+        eprintln!(
+            "peer: {} rounds of {} no-op jobs through {} and {} messages through the relay to NATS",
+            o.rounds,
+            o.messages,
+            scenarios::peer::GRAPHILE_WORKER,
+            o.messages
+        );
+        r.peer = Some(scenarios::peer::peer(&o, nats.as_ref()).await?);
     }
 
     r.finish();

@@ -99,6 +99,8 @@ pub struct Report {
     pub dead_rows: Option<crate::scenarios::storage::DeadRowsResult>,
     /// The admin with a large backlog (`admin`).
     pub admin: Option<crate::scenarios::admin::AdminResult>,
+    /// The relay's drain against graphile-worker's, paired per round (`peer`).
+    pub peer: Option<crate::scenarios::peer::PeerResult>,
     pub targets: Vec<Target>,
 }
 
@@ -151,6 +153,7 @@ impl Report {
             steady: Vec::new(),
             dead_rows: None,
             admin: None,
+            peer: None,
             targets: Vec::new(),
         }
     }
@@ -334,6 +337,23 @@ impl Report {
                     .map(|q| format!("slowest median {:.1} ms ({})", q.median_ms, q.name))
                     .unwrap_or_default(),
                 met: Some(a.requests.iter().all(|q| q.median_ms <= 200.0)),
+            });
+        }
+        if let Some(p) = &self.peer {
+            targets.push(Target {
+                name: format!("ordered drain to {} vs {}", p.sink, p.peer),
+                target: ">= 2.5x its jobs/s".into(),
+                measured: format!(
+                    "{:.2}x (median of {} paired rounds: {})",
+                    p.median_ratio,
+                    p.rounds.len(),
+                    p.rounds
+                        .iter()
+                        .map(|r| format!("{:.2}x", r.ratio))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                met: Some(p.median_ratio >= 2.5),
             });
         }
         let l = self
@@ -732,6 +752,39 @@ impl Report {
                     q.name, q.median_ms, q.max_ms, q.path
                 );
             }
+        }
+        if let Some(p) = &self.peer {
+            println!(
+                "\n## Peer: {} (concurrency {}, local queue {}, pool {}, {}) vs the relay's drain to {} (ordering {}); {} jobs/messages x {} B",
+                p.peer,
+                p.concurrency,
+                p.rounds.first().map(|r| r.graphile.local_queue).unwrap_or(0),
+                p.rounds.first().map(|r| r.graphile.max_pool_size).unwrap_or(0),
+                p.node,
+                p.sink,
+                if p.ordering { "on" } else { "off" },
+                p.messages,
+                p.payload_bytes
+            );
+            println!(
+                "{:<6} {:<16} {:>14} {:>12} {:>10} {:>10}",
+                "round", "first", "graphile jobs/s", "relay msg/s", "ratio", "relay RSS"
+            );
+            for r in &p.rounds {
+                println!(
+                    "{:<6} {:<16} {:>14.0} {:>12.0} {:>9.2}x {:>10.1}",
+                    r.round + 1,
+                    r.first,
+                    r.graphile.jobs_per_sec,
+                    r.relay.msgs_per_sec,
+                    r.ratio,
+                    r.relay.relay_peak_rss_mib
+                );
+            }
+            println!(
+                "median {:<16} {:>14.0} {:>12.0} {:>9.2}x  (median of the rounds' paired ratios)",
+                "", p.graphile_jobs_per_sec, p.relay_msgs_per_sec, p.median_ratio
+            );
         }
         println!("\n## Targets");
         for t in &self.targets {

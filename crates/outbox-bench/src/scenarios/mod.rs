@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod enqueue;
 pub mod latency;
+pub mod peer;
 pub mod storage;
 pub mod throughput;
 
@@ -20,7 +21,7 @@ pub struct Opts {
     pub batch_size: u32,
     pub workers: u32,
     pub repeat: usize,
-    /// Interleaved rounds of the enqueue and scale scenarios.
+    /// Interleaved rounds of the enqueue, scale and peer scenarios.
     pub rounds: usize,
     pub relays: Vec<usize>,
     /// Distinct keys of the scale scenario's backlogs.
@@ -48,6 +49,8 @@ pub struct Opts {
     pub steady_autovacuum: Vec<String>,
     /// Waiting rows of the `admin` scenario.
     pub admin_rows: u64,
+    /// Concurrent jobs of the `peer` scenario's graphile-worker.
+    pub peer_concurrency: usize,
     pub launcher: RelayLauncher,
 }
 
