@@ -9,10 +9,24 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", &id[20..])
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port on 127.0.0.1 that was free a moment ago, for a server a test starts.
+///
+/// Chosen at random below the kernel's ephemeral range (32768–60999 by default) and checked by
+/// binding it: a port from that range (what `bind(0)` gives) can be taken, between the check and
+/// the server's own bind, as the local end of any outgoing connection on the machine, and a
+/// suite that opens thousands of connections does take one now and then.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral port on 127.0.0.1")
-        .port()
+    use std::hash::{BuildHasher, Hasher};
+    const LOW: u64 = 20_000;
+    const HIGH: u64 = 32_000;
+    for attempt in 0u64..1_000 {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(attempt);
+        hasher.write_u32(std::process::id());
+        let port = (LOW + hasher.finish() % (HIGH - LOW)) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 between {LOW} and {HIGH} after 1,000 tries")
 }
