@@ -64,6 +64,37 @@ pub struct Context {
     pub gauges_every: Duration,
 }
 
+impl Context {
+    /// Reads the paused topics once, before the workers claim anything: a topic paused while
+    /// no relay ran must not lose a batch to the moment before the first heartbeat. A failed
+    /// read is left to the heartbeat, which reads them again every interval.
+    pub async fn load_pauses(&self) {
+        let read = async {
+            let mut conn = self.pool.acquire().await?;
+            store::admin::paused_topic_names(&mut conn).await
+        };
+        match read.await {
+            Ok(topics) => self.apply_pauses(topics),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the paused topics yet; the heartbeat reads them again")
+            }
+        }
+    }
+
+    /// Makes `topics` the paused set, saying which were paused or resumed since the last read.
+    fn apply_pauses(&self, topics: Vec<String>) {
+        let (paused, resumed) = self.dispatcher.set_paused(topics);
+        for topic in &paused {
+            tracing::warn!(topic = %topic, "topic paused by an operator: not claiming its rows until it is resumed (outbox-relay topics resume)");
+            self.metrics.topic_paused.with_label_values(&[topic]).set(1);
+        }
+        for topic in &resumed {
+            tracing::info!(topic = %topic, "topic resumed: claiming its rows again");
+            let _ = self.metrics.topic_paused.remove_label_values(&[topic]);
+        }
+    }
+}
+
 impl Member {
     pub fn new(config: ClusterConfig, ordered: bool) -> Self {
         Self {
@@ -135,15 +166,7 @@ impl Member {
                 Ok(beat) => {
                     failing = false;
                     ctx.metrics.relay_instances.set(beat.live_relays);
-                    let (paused, resumed) = ctx.dispatcher.set_paused(beat.paused);
-                    for topic in &paused {
-                        tracing::warn!(topic = %topic, "topic paused by an operator: not claiming its rows until it is resumed (outbox-relay topics resume)");
-                        ctx.metrics.topic_paused.with_label_values(&[topic]).set(1);
-                    }
-                    for topic in &resumed {
-                        tracing::info!(topic = %topic, "topic resumed: claiming its rows again");
-                        let _ = ctx.metrics.topic_paused.remove_label_values(&[topic]);
-                    }
+                    ctx.apply_pauses(beat.paused);
                     if let Some(slots) = &self.slots {
                         if beat.yielded != last_yielded {
                             if beat.yielded {

@@ -188,16 +188,15 @@ impl Relay {
         let shutdown = self.shutdown.clone();
         let cfg = &self.config.relay;
         let workers = cfg.workers as usize;
-        let heartbeat = self.member.spawn(
-            Context {
-                pool: self.pool.clone(),
-                dispatcher: Arc::clone(&self.dispatcher),
-                metrics: Arc::clone(&self.metrics),
-                wakeup: Arc::clone(&self.wakeup),
-                gauges_every: Duration::from_secs(cfg.lag_interval_secs),
-            },
-            shutdown.clone(),
-        );
+        let cluster = Context {
+            pool: self.pool.clone(),
+            dispatcher: Arc::clone(&self.dispatcher),
+            metrics: Arc::clone(&self.metrics),
+            wakeup: Arc::clone(&self.wakeup),
+            gauges_every: Duration::from_secs(cfg.lag_interval_secs),
+        };
+        cluster.load_pauses().await;
+        let heartbeat = self.member.spawn(cluster, shutdown.clone());
         self.dispatcher.check_all().await;
         let excluded: wakeup::Excluded = {
             let dispatcher = Arc::clone(&self.dispatcher);
