@@ -452,9 +452,11 @@ impl RabbitNode {
             || {
                 let url = url.clone();
                 async move {
-                    Connection::connect(&url, ConnectionProperties::default())
-                        .await
-                        .is_err()
+                    let attempt = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        Connection::connect(&url, ConnectionProperties::default()),
+                    );
+                    matches!(attempt.await, Ok(Err(_)))
                 }
             },
         )
@@ -499,7 +501,13 @@ impl RabbitNode {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
         let url = self.url();
         loop {
-            if let Ok(conn) = Connection::connect(&url, ConnectionProperties::default()).await {
+            // Bounded: a node still booting can accept the TCP connection and leave the AMQP
+            // handshake unanswered.
+            let attempt = tokio::time::timeout(
+                Duration::from_secs(5),
+                Connection::connect(&url, ConnectionProperties::default()),
+            );
+            if let Ok(Ok(conn)) = attempt.await {
                 let _ = conn.close(200, "ready".into()).await;
                 return Ok(());
             }
