@@ -16,14 +16,10 @@ pub fn unique(prefix: &str) -> String {
 /// the server's own bind, as the local end of any outgoing connection on the machine, and a
 /// suite that opens thousands of connections does take one now and then.
 pub fn free_port() -> u16 {
-    use std::hash::{BuildHasher, Hasher};
-    const LOW: u64 = 20_000;
-    const HIGH: u64 = 32_000;
-    for attempt in 0u64..1_000 {
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u64(attempt);
-        hasher.write_u32(std::process::id());
-        let port = (LOW + hasher.finish() % (HIGH - LOW)) as u16;
+    const LOW: u16 = 20_000;
+    const HIGH: u16 = 32_000;
+    for _ in 0..1_000 {
+        let port = rand::random_range(LOW..HIGH);
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
