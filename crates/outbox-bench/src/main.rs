@@ -209,6 +209,11 @@ pub struct Cli {
     /// library in a child process].
     #[arg(long)]
     relay_bin: Option<PathBuf>,
+    /// Create each benchmark database's schema with the relay binary's own `migrate` command
+    /// instead of this bench's migrations: for runs paired against an earlier relay
+    /// (`--relay-bin`) whose schema differs.
+    #[arg(long, requires = "relay_bin")]
+    relay_migrates: bool,
     /// Where the JSON results go.
     #[arg(long, default_value = "target/bench/results.json")]
     out: PathBuf,
@@ -299,6 +304,7 @@ fn resolve(cli: &Cli) -> anyhow::Result<Opts> {
             .unwrap_or(if q { 200_000 } else { 10_000_000 }),
         peer_concurrency: cli.peer_concurrency,
         launcher: RelayLauncher::new(cli.relay_bin.clone(), batch_size, workers, log_dir)?,
+        relay_migrates: cli.relay_migrates,
     };
     anyhow::ensure!(o.messages > 0, "--messages must be above 0");
     anyhow::ensure!(

@@ -79,15 +79,46 @@ impl RelayLauncher {
         config
             .validate()
             .map_err(|e| anyhow::anyhow!("benchmark relay config: {e}"))?;
-        // A section left at its defaults is omitted, so that a relay binary of an earlier
-        // version (`--relay-bin`, for runs paired against it) reads the file too.
+        // Only the settings that differ from the defaults are written, so that a relay binary
+        // of an earlier version (`--relay-bin`, for runs paired against it), which rejects
+        // settings it does not know, reads the file too.
         let mut value = toml::Value::try_from(&config)?;
-        if config.cluster == outbox_relay::config::ClusterConfig::default() {
-            if let Some(table) = value.as_table_mut() {
-                table.remove("cluster");
-            }
-        }
+        strip_defaults(&mut value, &toml::Value::try_from(Config::default())?);
         Ok(toml::to_string(&value)?)
+    }
+
+    /// Creates the outbox schema in `database_url` with the relay binary's own `migrate`
+    /// command: the schema of the version under test, for runs paired against an earlier one.
+    pub async fn migrate(&self, database_url: &str) -> anyhow::Result<()> {
+        let bin = self.binary.as_ref().ok_or_else(|| {
+            anyhow::anyhow!("--relay-migrates needs the outbox-relay binary (--relay-bin)")
+        })?;
+        let mut database = toml::Table::new();
+        database.insert("url".into(), database_url.into());
+        let mut file = toml::Table::new();
+        file.insert("database".into(), database.into());
+        let config_path = self
+            .log_dir
+            .join(format!("migrate-{}.toml", crate::bench_db::unique("db")));
+        std::fs::write(&config_path, toml::to_string(&file)?)?;
+        let output = tokio::process::Command::new(bin)
+            .arg("--config")
+            .arg(&config_path)
+            .arg("migrate")
+            .env_remove("RUST_LOG")
+            .output()
+            .await
+            .with_context(|| format!("cannot run {} migrate", bin.display()));
+        let _ = std::fs::remove_file(&config_path);
+        let output = output?;
+        anyhow::ensure!(
+            output.status.success(),
+            "{} migrate failed ({}): {}",
+            bin.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        Ok(())
     }
 
     /// Starts one relay process (`ordering`: see [`RelayLauncher::config_toml`]).
@@ -133,6 +164,21 @@ impl RelayLauncher {
             config_path,
         })
     }
+}
+
+/// Removes from `value` every setting equal to the one in `defaults`, and tables left empty.
+fn strip_defaults(value: &mut toml::Value, defaults: &toml::Value) {
+    let (Some(table), Some(default_table)) = (value.as_table_mut(), defaults.as_table()) else {
+        return;
+    };
+    table.retain(|key, v| match default_table.get(key) {
+        Some(d) if v == d => false,
+        Some(d) if v.is_table() => {
+            strip_defaults(v, d);
+            v.as_table().is_some_and(|t| !t.is_empty())
+        }
+        _ => true,
+    });
 }
 
 pub struct RelayProcess {
@@ -252,5 +298,53 @@ pub fn relay_child_main(config: PathBuf) -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outbox_relay::sinks::nats::NatsConfig;
+
+    fn launcher() -> RelayLauncher {
+        RelayLauncher {
+            binary: None,
+            batch_size: 700,
+            workers: 3,
+            log_dir: std::env::temp_dir(),
+            http_listen: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_config_file_holds_only_what_differs_from_the_defaults_and_reads_back_the_same() {
+        let sinks = vec![("nats".to_string(), SinkConfig::Nats(NatsConfig::default()))];
+        let text = launcher()
+            .config_toml("postgres://u@h:1/d", &sinks, false)
+            .unwrap();
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        let mut sections: Vec<&str> = table.keys().map(String::as_str).collect();
+        sections.sort_unstable();
+        assert_eq!(
+            sections,
+            ["database", "http", "log", "ordering", "relay", "sinks"],
+            "{text}"
+        );
+        let relay = table["relay"].as_table().unwrap();
+        let mut keys: Vec<&str> = relay.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["batch_size", "workers"], "{text}");
+
+        let read: Config = toml::from_str(&text).unwrap();
+        let mut expected = Config::default();
+        expected.database.url = "postgres://u@h:1/d".into();
+        expected.database.max_connections = 5;
+        expected.relay.batch_size = 700;
+        expected.relay.workers = 3;
+        expected.http.listen = String::new();
+        expected.log.level = "warn".into();
+        expected.sinks = sinks.into_iter().collect();
+        expected.ordering.enabled = false;
+        assert_eq!(read, expected);
     }
 }

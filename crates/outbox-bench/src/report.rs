@@ -640,8 +640,9 @@ impl Report {
                 "\n## {what}, {} (autovacuum {}): {:.0} msg/s ({}), {} msg/tx, {} s",
                 s.sink, s.autovacuum, s.target_rate, s.rate_basis, s.messages_per_tx, s.secs
             );
+            let ms = |v: Option<f64>| v.map_or_else(|| "-".into(), |c| format!("{c:.1}"));
             println!(
-                "{:>7} {:>5} {:>10} {:>10} {:>9} {:>9} {:>11} {:>10} {:>12} {:>12} {:>10} {:>9}",
+                "{:>7} {:>5} {:>10} {:>10} {:>9} {:>9} {:>11} {:>10} {:>10} {:>10} {:>10} {:>11} {:>5} {:>12} {:>12} {:>10} {:>9}",
                 "t (s)",
                 "held",
                 "recv/s",
@@ -649,7 +650,12 @@ impl Report {
                 "p50 ms",
                 "p99 ms",
                 "commit p99",
+                "acked p99",
                 "claim p99",
+                "publ p99",
+                "mark p99",
+                "tx lag p99",
+                "ckpt",
                 "table KiB",
                 "index KiB",
                 "dead tup",
@@ -657,7 +663,7 @@ impl Report {
             );
             for w in &s.windows {
                 println!(
-                    "{:>7.0} {:>5} {:>10.0} {:>10} {:>9.1} {:>9.1} {:>11.1} {:>10} {:>12} {:>12} {:>10} {:>9}",
+                    "{:>7.0} {:>5} {:>10.0} {:>10} {:>9.1} {:>9.1} {:>11.1} {:>10} {:>10} {:>10} {:>10} {:>11.1} {:>5} {:>12} {:>12} {:>10} {:>9}",
                     w.start_secs,
                     if w.held { "yes" } else { "" },
                     w.received_per_sec,
@@ -667,9 +673,12 @@ impl Report {
                     w.latency.p50_ms,
                     w.latency.p99_ms,
                     w.from_commit.p99_ms,
-                    w.claim_p99_ms
-                        .map(|c| format!("{c:.1}"))
-                        .unwrap_or_else(|| "-".into()),
+                    ms(w.acked_p99_ms),
+                    ms(w.claim_p99_ms),
+                    ms(w.publish_p99_ms),
+                    ms(w.mark_p99_ms),
+                    w.commit_lag_p99_ms,
+                    w.checkpoints,
                     w.table_bytes / 1024,
                     w.index_bytes / 1024,
                     w.dead_tuples,

@@ -38,7 +38,7 @@ pub struct AdminResult {
 }
 
 pub async fn admin(o: &Opts, rows: u64) -> anyhow::Result<AdminResult> {
-    let db = BenchDb::create(&o.database_url, "admin").await?;
+    let db = o.create_db("admin").await?;
     let result = admin_inner(o, &db, rows).await;
     db.drop_db().await;
     result

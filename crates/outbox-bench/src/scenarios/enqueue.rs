@@ -261,7 +261,7 @@ impl Sleeper {
 }
 
 pub async fn enqueue_bench(o: &Opts) -> anyhow::Result<Vec<EnqueueCell>> {
-    let db = BenchDb::create(&o.database_url, "enqueue").await?;
+    let db = o.create_db("enqueue").await?;
     let result = enqueue_inner(o, &db).await;
     db.drop_db().await;
     result

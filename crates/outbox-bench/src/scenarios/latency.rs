@@ -54,7 +54,7 @@ struct Rig {
 impl Rig {
     async fn start(o: &Opts, broker: &dyn Broker, scenario: &str) -> anyhow::Result<Self> {
         let run = unique("l").replace('_', "");
-        let db = BenchDb::create(&o.database_url, scenario).await?;
+        let db = o.create_db(scenario).await?;
         let dest = match broker.prepare(&run).await {
             Ok(d) => d,
             Err(e) => {
@@ -354,6 +354,21 @@ pub struct SteadyWindow {
     /// p99 of the relay's claim statement in this window (from `outbox_claim_duration_seconds`'s
     /// buckets: the upper bound of the bucket holding the 99th percentile), in milliseconds.
     pub claim_p99_ms: Option<f64>,
+    /// p99 of publishing one batch, broker acknowledgements included
+    /// (`outbox_publish_duration_seconds`, bucket upper bound), in milliseconds.
+    pub publish_p99_ms: Option<f64>,
+    /// p99 of marking a batch sent (`outbox_mark_duration_seconds`, bucket upper bound).
+    pub mark_p99_ms: Option<f64>,
+    /// p99 from a row's `created_at` to the broker's acknowledgement, as the relay sees it
+    /// (`outbox_delivery_latency_seconds`, bucket upper bound): beside `from_commit`, which ends
+    /// at the consumer, it tells a pause before the acknowledgement from one after it.
+    pub acked_p99_ms: Option<f64>,
+    /// p99 of how late the producer's COMMITs returned against their intended times, for the
+    /// transactions scheduled in this window: a pause of the producer or of PostgreSQL's
+    /// commits shows here.
+    pub commit_lag_p99_ms: f64,
+    /// PostgreSQL checkpoints begun in this window (`pg_stat_bgwriter`, timed and requested).
+    pub checkpoints: i64,
     /// A transaction held the xmin horizon for at least part of this window.
     pub held: bool,
     pub table_bytes: i64,
@@ -425,6 +440,7 @@ struct TableSample {
     dead: i64,
     autovacuums: i64,
     waiting: i64,
+    checkpoints: i64,
     metrics: String,
 }
 
@@ -441,6 +457,10 @@ async fn sample_table(pool: &sqlx::PgPool, metrics: Option<&str>) -> anyhow::Res
         sqlx::query_scalar("SELECT coalesce(sum(n), 0)::bigint FROM outbox.topic_counts")
             .fetch_one(pool)
             .await?;
+    let checkpoints: i64 =
+        sqlx::query_scalar("SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter")
+            .fetch_one(pool)
+            .await?;
     let metrics = match metrics {
         Some(addr) => outbox_testkit::http::scrape(addr).await,
         None => String::new(),
@@ -452,29 +472,37 @@ async fn sample_table(pool: &sqlx::PgPool, metrics: Option<&str>) -> anyhow::Res
         dead,
         autovacuums,
         waiting,
+        checkpoints,
         metrics,
     })
 }
 
-/// The relay's claim-duration buckets (upper bound in seconds, cumulative count).
-fn claim_buckets(metrics: &str) -> Vec<(f64, f64)> {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("outbox_claim_duration_seconds_bucket{"))
-        .filter_map(|l| {
-            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+/// A histogram's buckets in a Prometheus scrape (upper bound in seconds, cumulative count),
+/// summed over its label sets.
+fn histogram_buckets(metrics: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{");
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    for line in metrics.lines().filter(|l| l.starts_with(&prefix)) {
+        let parsed = (|| {
+            let le = line.split("le=\"").nth(1)?.split('"').next()?;
             let le = if le == "+Inf" {
                 f64::INFINITY
             } else {
                 le.parse().ok()?
             };
-            let count: f64 = l.rsplit(' ').next()?.parse().ok()?;
+            let count: f64 = line.rsplit(' ').next()?.parse().ok()?;
             Some((le, count))
-        })
-        .collect()
+        })();
+        let Some((le, count)) = parsed else { continue };
+        match buckets.iter_mut().find(|(l, _)| *l == le) {
+            Some((_, n)) => *n += count,
+            None => buckets.push((le, count)),
+        }
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    buckets
 }
 
-/// The p99 (bucket upper bound, ms) of the claims between two scrapes.
 /// Rows the relay marked sent (`outbox_published_total`, outcomes `delivered` and `duplicate`).
 fn published_total(metrics: &str) -> Option<f64> {
     let rows: Vec<f64> = metrics
@@ -486,8 +514,12 @@ fn published_total(metrics: &str) -> Option<f64> {
     (!rows.is_empty()).then(|| rows.iter().sum())
 }
 
-fn claim_p99_between(before: &str, after: &str) -> Option<f64> {
-    let (a, b) = (claim_buckets(before), claim_buckets(after));
+/// The p99 (bucket upper bound, ms) of histogram `name`'s observations between two scrapes.
+fn p99_between(name: &str, before: &str, after: &str) -> Option<f64> {
+    let (a, b) = (
+        histogram_buckets(before, name),
+        histogram_buckets(after, name),
+    );
     if b.is_empty() {
         return None;
     }
@@ -651,7 +683,20 @@ pub async fn steady(
                 .map(|n| (n - published_total(before).unwrap_or(0.0)) / o.steady_window_secs),
             latency: percentiles(&mut lat),
             from_commit: percentiles(&mut commit),
-            claim_p99_ms: claim_p99_between(before, &s.metrics),
+            claim_p99_ms: p99_between("outbox_claim_duration_seconds", before, &s.metrics),
+            publish_p99_ms: p99_between("outbox_publish_duration_seconds", before, &s.metrics),
+            mark_p99_ms: p99_between("outbox_mark_duration_seconds", before, &s.metrics),
+            acked_p99_ms: p99_between("outbox_delivery_latency_seconds", before, &s.metrics),
+            commit_lag_p99_ms: {
+                let interval_us = p.schedule.interval.as_secs_f64() * 1e6;
+                let first = (lo as f64 / interval_us).ceil() as u64;
+                let last = ((hi as f64 / interval_us).ceil() as u64).min(p.schedule.slots);
+                let mut lag: Vec<u64> = (first..last)
+                    .filter_map(|slot| p.commits.commit_lag_us(slot))
+                    .collect();
+                percentiles(&mut lag).p99_ms
+            },
+            checkpoints: s.checkpoints - samples.get(w).map_or(s.checkpoints, |b| b.checkpoints),
             held,
             table_bytes: s.table_bytes,
             index_bytes: s.index_bytes,

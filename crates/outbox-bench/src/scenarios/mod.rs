@@ -10,6 +10,7 @@ pub mod throughput;
 
 use std::time::Duration;
 
+use crate::bench_db::BenchDb;
 use crate::relay_proc::RelayLauncher;
 
 /// Every knob, resolved from the command line (with `--quick` defaults applied).
@@ -52,11 +53,24 @@ pub struct Opts {
     /// Concurrent jobs of the `peer` scenario's graphile-worker.
     pub peer_concurrency: usize,
     pub launcher: RelayLauncher,
+    /// Benchmark databases get their schema from the relay binary's `migrate` command.
+    pub relay_migrates: bool,
 }
 
 impl Opts {
     /// How long a drain of `n` messages may take before the benchmark gives up: generous
     /// (200 messages/s), since a failure here means something is broken, not slow.
+    /// A new benchmark database with the outbox schema: the bench's own migrations, or, with
+    /// `--relay-migrates`, those of the relay binary under test.
+    pub async fn create_db(&self, scenario: &str) -> anyhow::Result<BenchDb> {
+        if !self.relay_migrates {
+            return BenchDb::create(&self.database_url, scenario).await;
+        }
+        let db = BenchDb::create_empty(&self.database_url, scenario).await?;
+        self.launcher.migrate(&db.url).await?;
+        Ok(db)
+    }
+
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(120 + self.messages / 200)
     }

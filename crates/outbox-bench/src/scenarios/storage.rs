@@ -118,7 +118,7 @@ async fn raise_floor(conn: &mut PgConnection) -> anyhow::Result<i64> {
 }
 
 pub async fn dead_rows(o: &Opts, steps: &[u64]) -> anyhow::Result<DeadRowsResult> {
-    let db = BenchDb::create(&o.database_url, "deadrows").await?;
+    let db = o.create_db("deadrows").await?;
     let result = dead_rows_inner(o, &db, steps).await;
     db.drop_db().await;
     result

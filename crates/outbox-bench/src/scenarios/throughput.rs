@@ -31,7 +31,7 @@ pub struct CeilingResult {
 }
 
 pub async fn ceiling(o: &Opts) -> anyhow::Result<CeilingResult> {
-    let db = BenchDb::create(&o.database_url, "ceiling").await?;
+    let db = o.create_db("ceiling").await?;
     db.preload(o.messages, o.payload_bytes, TOPIC, 0, Load::Vacuumed)
         .await?;
     let database = outbox_relay::config::DatabaseConfig {
@@ -195,7 +195,7 @@ async fn settle(
 /// Drains a preloaded backlog through relay processes publishing to `broker`.
 pub async fn drain(o: &Opts, broker: &dyn Broker, spec: DrainSpec) -> anyhow::Result<DrainResult> {
     let run = unique("d").replace('_', "");
-    let db = BenchDb::create(&o.database_url, &format!("drain_{}", broker.kind())).await?;
+    let db = o.create_db(&format!("drain_{}", broker.kind())).await?;
     if !spec.settle {
         db.preload(
             o.messages,
