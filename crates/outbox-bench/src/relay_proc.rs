@@ -79,12 +79,56 @@ impl RelayLauncher {
         config
             .validate()
             .map_err(|e| anyhow::anyhow!("benchmark relay config: {e}"))?;
-        // Only the settings that differ from the defaults are written, so that a relay binary
-        // of an earlier version (`--relay-bin`, for runs paired against it), which rejects
-        // settings it does not know, reads the file too.
-        let mut value = toml::Value::try_from(&config)?;
-        strip_defaults(&mut value, &toml::Value::try_from(Config::default())?);
-        Ok(toml::to_string(&value)?)
+        // The file holds what the bench sets, whatever the defaults, and of each sink what
+        // differs from that kind's defaults: a relay binary of an earlier version
+        // (`--relay-bin`, for runs paired against it), which rejects settings it does not
+        // know, reads it too and runs with the same settings.
+        let mut file = toml::Table::new();
+        let mut section = |name: &str, entries: Vec<(&str, toml::Value)>| {
+            let table: toml::Table = entries
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+            file.insert(name.to_string(), table.into());
+        };
+        section(
+            "database",
+            vec![
+                ("url", config.database.url.clone().into()),
+                (
+                    "max_connections",
+                    i64::from(config.database.max_connections).into(),
+                ),
+            ],
+        );
+        section(
+            "relay",
+            vec![
+                ("batch_size", i64::from(config.relay.batch_size).into()),
+                ("workers", i64::from(config.relay.workers).into()),
+            ],
+        );
+        section("http", vec![("listen", config.http.listen.clone().into())]);
+        section("log", vec![("level", config.log.level.clone().into())]);
+        section("ordering", vec![("enabled", ordering.into())]);
+        let defaults = SinkConfig::every_kind()
+            .iter()
+            .map(toml::Value::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut sink_tables = toml::Table::new();
+        for (name, sink) in &config.sinks {
+            let mut value = toml::Value::try_from(sink)?;
+            let kind = value.get("kind").cloned();
+            if let Some(default) = defaults.iter().find(|d| d.get("kind") == kind.as_ref()) {
+                strip_defaults(&mut value, default);
+            }
+            if let (Some(table), Some(kind)) = (value.as_table_mut(), kind) {
+                table.insert("kind".into(), kind);
+            }
+            sink_tables.insert(name.clone(), value);
+        }
+        file.insert("sinks".into(), sink_tables.into());
+        Ok(toml::to_string(&file)?)
     }
 
     /// Creates the outbox schema in `database_url` with the relay binary's own `migrate`
@@ -317,7 +361,7 @@ mod tests {
     }
 
     #[test]
-    fn the_config_file_holds_only_what_differs_from_the_defaults_and_reads_back_the_same() {
+    fn the_config_file_holds_what_the_bench_sets_and_reads_back_the_same() {
         let sinks = vec![("nats".to_string(), SinkConfig::Nats(NatsConfig::default()))];
         let text = launcher()
             .config_toml("postgres://u@h:1/d", &sinks, false)
@@ -330,10 +374,9 @@ mod tests {
             ["database", "http", "log", "ordering", "relay", "sinks"],
             "{text}"
         );
-        let relay = table["relay"].as_table().unwrap();
-        let mut keys: Vec<&str> = relay.keys().map(String::as_str).collect();
-        keys.sort_unstable();
-        assert_eq!(keys, ["batch_size", "workers"], "{text}");
+        let nats = table["sinks"]["nats"].as_table().unwrap();
+        let keys: Vec<&str> = nats.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["kind"], "a sink at its kind's defaults: {text}");
 
         let read: Config = toml::from_str(&text).unwrap();
         let mut expected = Config::default();

@@ -5,11 +5,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_nats::jetstream::consumer::{pull, AckPolicy};
-use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
 use async_nats::jetstream::Context as JetStream;
 use async_trait::async_trait;
 use futures::StreamExt;
-use outbox_relay::sinks::nats::{NatsConfig, NatsRoute, NatsStreamConfig};
+use outbox_relay::sinks::nats::{stream_config, NatsConfig, NatsRoute, NatsStreamConfig};
 use outbox_relay::sinks::SinkConfig;
 use tokio::sync::mpsc;
 
@@ -59,24 +58,13 @@ impl Broker for NatsBroker {
             create: true,
             duplicate_window_secs: 120,
             storage: self.storage.clone(),
-            // The stream below is made without limits: say so, so the relay finds it as
-            // configured.
-            max_age_secs: 0,
-            max_bytes: 0,
-            max_msgs: 0,
+            // The relay's default limits (a week, 1 GiB), with which the stream below is made,
+            // as the relay would make it: a long steady state keeps the store bounded, and the
+            // sink configuration needs no limits an earlier relay (`--relay-bin`) may not know.
+            ..Default::default()
         };
         self.js
-            .create_stream(StreamConfig {
-                name: stream.clone(),
-                subjects: config.subjects.clone(),
-                duplicate_window: Duration::from_secs(config.duplicate_window_secs),
-                storage: if self.storage == "memory" {
-                    StorageType::Memory
-                } else {
-                    StorageType::File
-                },
-                ..Default::default()
-            })
+            .create_stream(stream_config(&config))
             .await
             .with_context(|| format!("cannot create JetStream stream {stream}"))?;
         let sink = NatsConfig {

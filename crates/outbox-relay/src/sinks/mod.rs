@@ -212,8 +212,7 @@ macro_rules! sink_kinds {
             }
 
             /// Every compiled-in kind with its default configuration.
-            #[cfg(test)]
-            fn every_kind() -> Vec<SinkConfig> {
+            pub fn every_kind() -> Vec<SinkConfig> {
                 vec![$( $(#[cfg($cfg)])? SinkConfig::$variant(<$config>::default()), )+]
             }
         }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 pub use config::{NatsConfig, NatsRoute, NatsStreamConfig, NatsTlsConfig, DEFAULT_URL};
+pub use service::stream_config;
 pub use sink::NatsSink;
 
 use crate::sinks::{route_topics, BrokerConfig, Sink, SinkError};

@@ -455,7 +455,7 @@ fn classify(kind: PublishErrorKind, subject: &str, text: &str) -> SinkError {
 
 /// The stream the relay creates: the configured subjects, storage, duplicate window and limits
 /// (0 in the configuration is "no limit", which JetStream spells -1 for sizes and counts).
-fn stream_config(stream: &NatsStreamConfig) -> StreamConfig {
+pub fn stream_config(stream: &NatsStreamConfig) -> StreamConfig {
     let unlimited_if_zero = |n: u64| {
         if n == 0 {
             -1
