@@ -58,13 +58,22 @@ impl Broker for NatsBroker {
             create: true,
             duplicate_window_secs: 120,
             storage: self.storage.clone(),
-            // The relay's default limits (a week, 1 GiB), with which the stream below is made,
-            // as the relay would make it: a long steady state keeps the store bounded, and the
-            // sink configuration needs no limits an earlier relay (`--relay-bin`) may not know.
             ..Default::default()
         };
+        // The stream holds every message of the run (no limits, the basis of the results in
+        // docs/benchmarks.md): at its byte limit a JetStream store removes the oldest messages
+        // as new ones arrive, broker work that a long steady state would otherwise measure.
+        // The sink keeps the relay's default limits, which its file then leaves out, so that an
+        // earlier relay (`--relay-bin`) that knows no limits reads it too; the relay does not
+        // change an existing stream (it logs the difference once).
+        let unlimited = NatsStreamConfig {
+            max_age_secs: 0,
+            max_bytes: 0,
+            max_msgs: 0,
+            ..config.clone()
+        };
         self.js
-            .create_stream(stream_config(&config))
+            .create_stream(stream_config(&unlimited))
             .await
             .with_context(|| format!("cannot create JetStream stream {stream}"))?;
         let sink = NatsConfig {
