@@ -175,6 +175,10 @@ async fn readiness_is_served_while_the_database_is_unreachable_at_start() {
     let mut db_url = url::Url::parse(&admin_url).unwrap();
     db_url.set_path(&format!("/{name}"));
     let (stream, prefix) = (unique("S"), unique("t"));
+    let _created = DeleteStreamOnDrop {
+        url: nats_url(),
+        stream: stream.clone(),
+    };
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let config = http::with_http(

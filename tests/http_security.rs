@@ -14,12 +14,19 @@ use outbox_testkit::tls::TestPki;
 use support::*;
 
 /// A relay on a database and stream of its own, its HTTP server on `port`, with `env` added.
-fn start_relay(db: &TestDb, port: u16, env: &[(&str, &str)]) -> RelayProcess {
+/// The guard deletes the stream (the relay creates it); bound before the relay (`let (_created,
+/// relay) = …`), it drops after it.
+fn start_relay(db: &TestDb, port: u16, env: &[(&str, &str)]) -> (DeleteStreamOnDrop, RelayProcess) {
+    let stream = unique("S");
     let config = http::with_http(
-        nats_config(&db.url, &nats_url(), &unique("S"), &unique("t"), ""),
+        nats_config(&db.url, &nats_url(), &stream, &unique("t"), ""),
         port,
     );
-    RelayProcess::start_with_env(&config, env)
+    let created = DeleteStreamOnDrop {
+        url: nats_url(),
+        stream,
+    };
+    (created, RelayProcess::start_with_env(&config, env))
 }
 
 /// Waits until `/healthz` on `port` answers over HTTPS to a client that trusts only `ca`.
@@ -43,7 +50,7 @@ async fn the_token_guards_metrics_and_the_readiness_details_but_not_liveness() {
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     let port = free_port();
-    let relay = start_relay(
+    let (_created, relay) = start_relay(
         &db,
         port,
         &[("OUTBOX_HTTP__TOKEN_FILE", token_file.to_str().unwrap())],
@@ -119,7 +126,7 @@ async fn https_serves_the_configured_certificate_and_picks_up_a_renewed_one() {
     let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
     std::fs::copy(&server.cert, &cert).unwrap();
     std::fs::copy(&server.key, &key).unwrap();
-    let relay = start_relay(
+    let (_created, relay) = start_relay(
         &db,
         port,
         &[
@@ -180,7 +187,7 @@ async fn https_serves_the_configured_certificate_and_picks_up_a_renewed_one() {
 async fn listening_beyond_loopback_without_a_token_is_warned_about() {
     let db = TestDb::new().await;
     let port = free_port();
-    let relay = start_relay(
+    let (_created, relay) = start_relay(
         &db,
         port,
         &[("OUTBOX_HTTP__LISTEN", &format!("0.0.0.0:{port}"))],

@@ -233,6 +233,11 @@ async fn status_watch_json_prints_one_object_per_refresh() {
 async fn scheduled_rows_are_counted_and_age_from_when_they_became_due() {
     let db = TestDb::new().await;
     let (stream, prefix) = (unique("SD"), unique("sd"));
+    // Declared before the relay, so dropped after it: the stream the relay creates goes too.
+    let _created = DeleteStreamOnDrop {
+        url: nats_url(),
+        stream: stream.clone(),
+    };
     sqlx::query(
         "INSERT INTO outbox.topic_pauses (topic, paused_by)
          VALUES ('due.delayed', 'test'), ('due.retried', 'test')",

@@ -619,10 +619,15 @@ async fn a_relay_that_may_not_vacuum_says_so_once() {
 
     db.execute("ALTER TABLE outbox.messages SET (autovacuum_enabled = false)")
         .await;
+    let stream = unique("S");
+    let _created = DeleteStreamOnDrop {
+        url: nats_url(),
+        stream: stream.clone(),
+    };
     let relay = RelayProcess::start(&nats_config(
         &roles.relay_url(),
         &nats_url(),
-        &unique("S"),
+        &stream,
         &unique("t"),
         "maintenance_interval_secs = 1",
     ));
