@@ -483,17 +483,9 @@ fn histogram_buckets(metrics: &str, name: &str) -> Vec<(f64, f64)> {
     let prefix = format!("{name}_bucket{{");
     let mut buckets: Vec<(f64, f64)> = Vec::new();
     for line in metrics.lines().filter(|l| l.starts_with(&prefix)) {
-        let parsed = (|| {
-            let le = line.split("le=\"").nth(1)?.split('"').next()?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            let count: f64 = line.rsplit(' ').next()?.parse().ok()?;
-            Some((le, count))
-        })();
-        let Some((le, count)) = parsed else { continue };
+        let Some((le, count)) = bucket(line) else {
+            continue;
+        };
         match buckets.iter_mut().find(|(l, _)| *l == le) {
             Some((_, n)) => *n += count,
             None => buckets.push((le, count)),
@@ -501,6 +493,18 @@ fn histogram_buckets(metrics: &str, name: &str) -> Vec<(f64, f64)> {
     }
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
     buckets
+}
+
+/// One `…_bucket{…,le="…"} count` line: (upper bound in seconds, cumulative count).
+fn bucket(line: &str) -> Option<(f64, f64)> {
+    let le = line.split("le=\"").nth(1)?.split('"').next()?;
+    let le = if le == "+Inf" {
+        f64::INFINITY
+    } else {
+        le.parse().ok()?
+    };
+    let count: f64 = line.rsplit(' ').next()?.parse().ok()?;
+    Some((le, count))
 }
 
 /// Rows the relay marked sent (`outbox_published_total`, outcomes `delivered` and `duplicate`).

@@ -58,8 +58,6 @@ pub struct Opts {
 }
 
 impl Opts {
-    /// How long a drain of `n` messages may take before the benchmark gives up: generous
-    /// (200 messages/s), since a failure here means something is broken, not slow.
     /// A new benchmark database with the outbox schema: the bench's own migrations, or, with
     /// `--relay-migrates`, those of the relay binary under test.
     pub async fn create_db(&self, scenario: &str) -> anyhow::Result<BenchDb> {
@@ -71,6 +69,8 @@ impl Opts {
         Ok(db)
     }
 
+    /// How long a drain of `n` messages may take before the benchmark gives up: generous
+    /// (200 messages/s), since a failure here means something is broken, not slow.
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(120 + self.messages / 200)
     }
